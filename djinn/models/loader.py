@@ -1,0 +1,142 @@
+"""Load a causal LM by id: local path or HF cache when present, else the real
+architecture from ``configs/models/<name>.json`` with seeded random weights."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from djinn.paths import MODEL_CONFIG_DIR
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel in eval mode
+    tokenizer: Any  # djinn.models.tokenizer.Tokenizer
+    model_id: str
+    weights: str  # "pretrained" | "synthetic"
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device: {device} requested but no CUDA GPU is visible; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"dtype: {dtype!r} is not one of auto, {', '.join(_DTYPES)}") from None
+
+
+def synthetic_config_path(model_id: str) -> Path:
+    """``configs/models/<last path part, lower-cased>.json`` (or ``model_id`` itself if it is a .json file)."""
+    if model_id.endswith(".json") and Path(model_id).is_file():
+        return Path(model_id)
+    return MODEL_CONFIG_DIR / f"{model_id.rstrip('/').split('/')[-1].lower()}.json"
+
+
+def shipped_model_ids() -> list[str]:
+    return sorted(json.loads(p.read_text()).get("_name_or_path", p.stem) for p in MODEL_CONFIG_DIR.glob("*.json"))
+
+
+def synthetic_config(model_id: str):
+    from transformers import AutoConfig
+
+    path = synthetic_config_path(model_id)
+    if not path.is_file():
+        raise ModelLoadError(f"model_id: no local weights for {model_id!r} and no shipped config {path.name}; "
+                             f"use a local path or one of {', '.join(shipped_model_ids())}")
+    data = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    data.pop("architectures", None)
+    data.pop("torch_dtype", None)
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def _pretrained_source(model_id: str) -> Optional[str]:
+    """A local directory or a complete HF-cache snapshot for ``model_id``, else None (never downloads)."""
+    if Path(model_id).is_dir() and (Path(model_id) / "config.json").is_file():
+        return model_id
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(model_id, local_files_only=True)
+    except Exception:
+        return None
+    files = {p.suffix for p in Path(path).iterdir()}
+    return path if {".safetensors", ".bin"} & files else None
+
+
+def _from_config(config, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_synthetic(model_id: str, dtype: torch.dtype, device: torch.device | str, seed: int = 0):
+    """The real architecture of ``model_id`` with seeded random weights (``device='meta'`` allocates nothing)."""
+    config = synthetic_config(model_id)
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+    model = _from_config(config, dtype, device)
+    return model.eval().requires_grad_(False)
+
+
+def load_model(model_id: str, weights: str = "auto", dtype: str = "auto", device: str = "auto",
+               seed: int = 0, quiet: bool = False) -> LoadedModel:
+    """Load ``model_id`` for inference. ``weights``: auto | pretrained | synthetic."""
+    from djinn.models.tokenizer import load_tokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    source = None if weights == "synthetic" else _pretrained_source(model_id)
+    if weights == "pretrained" and source is None:
+        raise ModelLoadError(f"model_id: {model_id!r} is neither a local model directory nor in the local HF "
+                             "cache; download it first or use --weights synthetic")
+    if source is not None:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, attn_implementation="sdpa")
+        except TypeError:  # transformers < 4.56 spells it torch_dtype
+            model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=dt, attn_implementation="sdpa")
+        model = model.to(dev).eval().requires_grad_(False)
+        kind = "pretrained"
+    else:
+        if weights == "auto" and not quiet:
+            print(f"[djinn] no local weights for {model_id}: using synthetic weights "
+                  f"({synthetic_config_path(model_id).name}, seed {seed})", file=sys.stderr)
+        model = build_synthetic(model_id, dt, dev, seed)
+        kind = "synthetic"
+    tokenizer = load_tokenizer(source or model_id, vocab_size=model.config.vocab_size,
+                               eos_token_id=model.config.eos_token_id)
+    return LoadedModel(model, tokenizer, model_id, kind, dev, dt)

@@ -1,0 +1,235 @@
+"""The one model of an agent-scaling experiment: CLI, CRD schema and operator all read it.
+
+YAML documents are Kubernetes-shaped (``apiVersion: djinn.io/v1alpha1``,
+``kind: AgentScalingExperiment``, ``spec: {...}``) with camelCase keys; a bare
+``spec`` mapping is accepted too.
+"""
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "djinn.io"
+VERSION = "v1alpha1"
+KIND = "AgentScalingExperiment"
+PLURAL = "agentscalingexperiments"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message is one line naming the field and the fix."""
+
+
+class Baseline(str, Enum):
+    native_pytorch = "native_pytorch"
+    semantic_blind = "semantic_blind"
+    partially_aware = "partially_aware"
+    full_djinn = "full_djinn"
+    ray_keepalive = "ray_keepalive"
+    ray_serverless = "ray_serverless"
+    djinn_agents = "djinn_agents"
+
+
+DECODE_MODES = (Baseline.semantic_blind, Baseline.partially_aware, Baseline.full_djinn)
+RAY_BASELINES = (Baseline.ray_keepalive, Baseline.ray_serverless)
+AGENT_BASELINES = (Baseline.native_pytorch, Baseline.ray_keepalive, Baseline.ray_serverless, Baseline.djinn_agents)
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+_UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def parse_quantity(text: str) -> int:
+    """Bytes of a Kubernetes-style quantity such as ``1.5Mi`` or ``80G``."""
+    m = _QUANTITY.match(str(text).strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a quantity like 512Mi or 80Gi")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid",
+                              use_enum_values=False)
+
+
+class OutputSpec(_Model):
+    """Where result JSON and figures go: a local directory or ``s3://bucket/prefix``."""
+
+    uri: str = Field(min_length=1, description="Local directory or s3://bucket/prefix")
+    endpoint_url: Optional[str] = Field(None, description="S3 endpoint (MinIO, moto); AWS when unset")
+    region: Optional[str] = Field(None, description="S3 region; the AWS default chain when unset")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if v.startswith("s3://") and not v[5:].split("/", 1)[0]:
+            raise ValueError("s3 URI needs a bucket: s3://bucket/prefix")
+        if "://" in v and not v.startswith("s3://"):
+            raise ValueError("only local paths and s3://bucket/prefix are supported")
+        return v
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+
+class Toleration(_Model):
+    key: Optional[str] = None
+    operator: Optional[Literal["Exists", "Equal"]] = None
+    value: Optional[str] = None
+    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = None
+
+
+class ClusterSpec(_Model):
+    """How the operator places the experiment on Kubernetes (ignored by the local CLI)."""
+
+    image: str = Field("ghcr.io/djinn-bench/djinn-bench:0.1.0", description="Client/runner + analysis image")
+    server_image: Optional[str] = Field(None, description="Djinn server image; defaults to image")
+    ray_image: Optional[str] = Field(None, description="Ray head image for the RayCluster; defaults to image")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    gpu: bool = Field(True, description="Request nvidia.com/gpu for the server, Ray head and native jobs")
+    gpu_placement: Literal["phased", "separate"] = Field(
+        "phased", description="phased: one GPU, released between baseline families; separate: each holds its own")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    service_account_name: Optional[str] = Field(None, description="For IRSA: a service account with the role annotation")
+    credentials_secret: Optional[str] = Field(None, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+    backoff_limit: int = Field(1, ge=0, le=10, description="Retries of a client Job before its run is Failed")
+    server_memory: str = Field("16Gi", description="Memory request of the server and Ray head pods")
+    active_deadline_seconds: int = Field(7200, ge=60, description="Deadline of each client Job")
+
+
+class ExperimentSpec(_Model):
+    """An agent-scaling experiment (Experiment 2.2) plus the decode modes of Experiment 2.1."""
+
+    model_id: str = Field("sshleifer/tiny-gpt2", min_length=1, description="HF model id or local path")
+    weights: Literal["auto", "pretrained", "synthetic"] = Field(
+        "auto", description="pretrained: local path or HF cache; synthetic: config from configs/models, seeded random")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: fp16 on GPU, fp32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    prompt: Optional[str] = Field(None, description="Prompt text; configs/prompt.txt when unset")
+    prompt_file: Optional[str] = None
+    baselines: list[Baseline] = Field(
+        default_factory=lambda: list(AGENT_BASELINES), min_length=1)
+    agent_counts: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32], min_length=1)
+    iterations: int = Field(1, ge=1, description="Reason->Act->Reflect cycles per agent")
+    runs: int = Field(30, ge=1, description="Decode runs per mode (Experiment 2.1)")
+    warmup_runs: int = Field(5, ge=0, description="Runs discarded before measuring")
+    new_tokens: int = Field(50, ge=1, le=4096)
+    sleep_seconds: float = Field(10.0, ge=0, description="Act phase: seconds each agent sleeps")
+    stop_on_oom: bool = True
+    gpu_per_actor: float = Field(0.01, gt=0, le=1, description="Ray keep-alive: logical GPU per actor")
+    emulated_device_memory: Optional[str] = Field(
+        None, description="Keep-alive device memory cap (e.g. 1Mi) shared by all actors; for CPU runs")
+    seed: int = 0
+    djinn_server: Optional[str] = Field(None, description="host:port of a running Djinn data plane; started locally when unset")
+    ray_address: Optional[str] = Field(None, description="Existing Ray cluster; a local Ray is started when unset")
+    output: OutputSpec = Field(default_factory=lambda: OutputSpec(uri="results"))
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+
+    @field_validator("agent_counts")
+    @classmethod
+    def _counts(cls, v: list[int]) -> list[int]:
+        bad = [n for n in v if n < 1]
+        if bad:
+            raise ValueError(f"agent counts must be >= 1, got {bad[0]}")
+        return sorted(set(v))
+
+    @field_validator("baselines")
+    @classmethod
+    def _unique(cls, v: list[Baseline]) -> list[Baseline]:
+        return list(dict.fromkeys(v))
+
+    @field_validator("emulated_device_memory")
+    @classmethod
+    def _quantity(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            parse_quantity(v)
+        return v
+
+    @field_validator("djinn_server")
+    @classmethod
+    def _hostport(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            split_hostport(v)
+        return v
+
+    @model_validator(mode="after")
+    def _prompt(self) -> "ExperimentSpec":
+        if self.prompt is not None and self.prompt_file is not None:
+            raise ValueError("give prompt or promptFile, not both")
+        return self
+
+    @property
+    def emulated_device_bytes(self) -> Optional[int]:
+        return parse_quantity(self.emulated_device_memory) if self.emulated_device_memory else None
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port); a one-line error otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not host:port (e.g. localhost:5556)")
+    return host.strip("[]"), int(port)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "spec"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field; remove it or check its spelling"
+    elif err["type"] == "enum":
+        msg = f"{msg}"
+    return f"spec.{loc}: {msg}"
+
+
+def parse_spec(data: Any) -> ExperimentSpec:
+    """Validate a spec mapping (camelCase or snake_case); raise SpecError with one line."""
+    if not isinstance(data, dict):
+        raise SpecError("spec: expected a mapping of fields")
+    try:
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_first_error(exc)) from None
+
+
+def parse_document(doc: Any) -> tuple[str, ExperimentSpec]:
+    """A full ``AgentScalingExperiment`` document (or a bare spec) -> (name, spec)."""
+    if not isinstance(doc, dict):
+        raise SpecError("document: expected a YAML mapping")
+    if "kind" not in doc and "spec" not in doc:
+        return "experiment", parse_spec(doc)
+    if doc.get("kind") != KIND:
+        raise SpecError(f"kind: expected {KIND}, got {doc.get('kind')!r}")
+    if doc.get("apiVersion") != API_VERSION:
+        raise SpecError(f"apiVersion: expected {API_VERSION}, got {doc.get('apiVersion')!r}")
+    name = (doc.get("metadata") or {}).get("name") or "experiment"
+    return name, parse_spec(doc.get("spec") or {})
+
+
+def load_spec_file(path: str | Path) -> tuple[str, ExperimentSpec]:
+    """Read a YAML file holding one experiment document."""
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{p}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_document(doc)
+
+
+def to_document(name: str, spec: ExperimentSpec, namespace: Optional[str] = None) -> dict:
+    """The custom resource a user would ``kubectl apply`` for this spec."""
+    meta: dict[str, Any] = {"name": name}
+    if namespace:
+        meta["namespace"] = namespace
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta,
+            "spec": spec.model_dump(mode="json", by_alias=True, exclude_none=True)}
