@@ -140,3 +140,17 @@ def load_model(model_id: str, weights: str = "auto", dtype: str = "auto", device
     tokenizer = load_tokenizer(source or model_id, vocab_size=model.config.vocab_size,
                                eos_token_id=model.config.eos_token_id)
     return LoadedModel(model, tokenizer, model_id, kind, dev, dt)
+
+
+def load_tokenizer_for(model_id: str, weights: str = "auto"):
+    """The tokenizer of ``model_id`` without loading its weights (for clients of a remote model)."""
+    from djinn.models.tokenizer import load_tokenizer
+
+    source = None if weights == "synthetic" else _pretrained_source(model_id)
+    if source is not None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source)
+    else:
+        config = synthetic_config(model_id)
+    return load_tokenizer(source or model_id, vocab_size=config.vocab_size, eos_token_id=config.eos_token_id)

@@ -1,0 +1,173 @@
+"""The Ray baselines: keep-alive (an actor per agent pins model + KV) and serverless
+(every step a fresh task that loads the weights, recomputes the history and forgets it).
+
+Keep-alive actors ask for ``gpu_per_actor`` (0.01) of a GPU so Ray's scheduler
+never queues them: they all land on the device and contend for its memory for
+real. Out-of-memory inside an actor, the real CUDA one or the emulated cap's
+``torch.OutOfMemoryError``, goes through the same ``except`` and comes back as
+``{"oom": True}``.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Optional
+
+import ray
+import torch
+
+from djinn.runners.agents import StepOutcome
+from djinn.runners.common import is_oom
+from djinn.runners.hf_agent import CachedAgent, ModelRef, cache_bytes, greedy
+
+
+def ensure_ray(address: Optional[str], max_agents: int) -> bool:
+    """Connect to ``address`` or start a local Ray; returns True when this call started it.
+
+    A local Ray gets at least ``max_agents`` logical CPUs so that tasks and actors
+    run at once instead of queueing: contention stays physical, as with --gpu-per-actor.
+    """
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return True
+    gpus = torch.cuda.device_count()
+    ray.init(num_cpus=max(os.cpu_count() or 1, max_agents) + 1, num_gpus=gpus, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    return True
+
+
+def _cluster_has_gpu() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+@ray.remote(num_cpus=0)
+class MemoryLedger:
+    """An emulated device memory shared by all keep-alive actors (for CPU runs)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.held = capacity, {}
+
+    def reserve(self, owner: int, nbytes: int) -> Optional[str]:
+        """Set ``owner``'s holding to ``nbytes``; returns an error text when it does not fit."""
+        others = sum(v for k, v in self.held.items() if k != owner)
+        if others + nbytes > self.capacity:
+            return (f"emulated device out of memory: tried to allocate {nbytes} bytes with {others} of "
+                    f"{self.capacity} held by other agents")
+        self.held[owner] = nbytes
+        return None
+
+
+@ray.remote
+class KeepAliveAgent:
+    """One agent: its own copy of the model and its KV cache, resident for the whole run."""
+
+    def __init__(self, ref: ModelRef, agent_id: int, ledger=None):
+        self.ref, self.id, self.ledger = ref, agent_id, ledger
+        self.agent: Optional[CachedAgent] = None
+        self.weight_bytes = 0
+
+    def _hold(self, nbytes: int) -> None:
+        if self.ledger is not None:
+            err = ray.get(self.ledger.reserve.remote(self.id, nbytes))
+            if err:
+                raise torch.OutOfMemoryError(err)
+
+    def _guard(self, fn):
+        try:
+            return {"ok": True, "value": fn()}
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            self.agent = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return {"oom": True, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:400]}"}
+
+    def load(self) -> dict:
+        def run():
+            lm = self.ref.load()
+            self.weight_bytes = lm.weight_bytes
+            self.agent = CachedAgent(lm.model)
+            self._hold(self.weight_bytes)
+            return self.weight_bytes
+        return self._guard(run)
+
+    def step(self, new_tokens: list[int], max_new_tokens: int) -> dict:
+        def run():
+            out, before = self.agent.step(new_tokens, max_new_tokens)
+            self._hold(self.weight_bytes + cache_bytes(self.agent.cache))
+            return out, before
+        return self._guard(run)
+
+
+def _unwrap(reply: dict):
+    if reply.get("oom"):
+        raise torch.OutOfMemoryError(reply["error"])
+    return reply["value"]
+
+
+class RayKeepAliveBackend:
+    name, backend = "ray_keepalive", "ray"
+
+    def __init__(self, ref: ModelRef, gpu_per_actor: float, device_memory_bytes: Optional[int] = None):
+        self.ref, self.gpu_per_actor, self.cap = ref, gpu_per_actor, device_memory_bytes
+        self.actors: list = []
+        self.ledger = None
+
+    def setup(self, n: int) -> None:
+        gpus = self.gpu_per_actor if _cluster_has_gpu() else 0
+        if self.cap is not None:
+            self.ledger = MemoryLedger.options(name=f"djinn-ledger-{uuid.uuid4().hex[:8]}").remote(self.cap)
+        self.actors = [KeepAliveAgent.options(num_gpus=gpus, num_cpus=0).remote(self.ref, i, self.ledger)
+                       for i in range(n)]
+        try:  # all load at once, like N tenants arriving together
+            for reply in ray.get([a.load.remote() for a in self.actors]):
+                _unwrap(reply)
+        except BaseException:
+            self.teardown()
+            raise
+
+    def step(self, agent: int, new_tokens: list[int], max_new_tokens: int) -> StepOutcome:
+        out, before = _unwrap(ray.get(self.actors[agent].step.remote(new_tokens, max_new_tokens)))
+        return StepOutcome(out, len(new_tokens), before)
+
+    def teardown(self) -> None:
+        for a in self.actors + ([self.ledger] if self.ledger is not None else []):
+            ray.kill(a)
+        self.actors, self.ledger = [], None
+
+
+@ray.remote(num_cpus=0)
+def serverless_step(ref: ModelRef, history: list[int], max_new_tokens: int) -> list[int]:
+    """A cold step: load weights, recompute the whole history, generate, discard everything."""
+    lm = ref.load()
+    try:
+        return greedy(lm.model, history, max_new_tokens)
+    finally:
+        del lm
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class RayServerlessBackend:
+    name, backend = "ray_serverless", "ray"
+
+    def __init__(self, ref: ModelRef, gpu_per_task: float):
+        self.ref, self.gpu_per_task = ref, gpu_per_task
+        self.histories: dict[int, list[int]] = {}
+        self.gpus = 0.0
+
+    def setup(self, n: int) -> None:
+        self.histories = {i: [] for i in range(n)}
+        self.gpus = self.gpu_per_task if _cluster_has_gpu() else 0
+
+    def step(self, agent: int, new_tokens: list[int], max_new_tokens: int) -> StepOutcome:
+        history = self.histories[agent] + list(new_tokens)
+        out = ray.get(serverless_step.options(num_gpus=self.gpus).remote(self.ref, history, max_new_tokens))
+        self.histories[agent] = history + out
+        return StepOutcome(out, len(history), 0)
+
+    def teardown(self) -> None:
+        self.histories = {}

@@ -1,0 +1,91 @@
+"""``python -m djinn.server.server_main``: start a Djinn server (flags as in the seed README)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from djinn.server.protocol import DEFAULT_MAX_FRAME
+from djinn.server.service import ServerConfig
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="djinn-server", description=__doc__)
+    p.add_argument("--gpu", type=int, default=0, help="CUDA device index (when --device is cuda or auto)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when present")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for remote clients)")
+    p.add_argument("--port", type=int, default=5556, help="data plane port")
+    p.add_argument("--control-port", type=int, default=5555, help="HTTP control plane port (-1 disables it)")
+    p.add_argument("--max-concurrent", type=int, default=64,
+                   help="requests served at once (env GENIE_QOS_MAX_CONCURRENCY overrides)")
+    p.add_argument("--max-vram-gb", type=float, default=80.0, help="device memory for weights + KV caches (GiB)")
+    p.add_argument("--max-seq-len", type=int, default=512, help="tokens one session may hold")
+    p.add_argument("--max-slots", type=int, default=256, help="sessions resident on the device at once")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prefill tokens per engine step")
+    p.add_argument("--session-ttl", type=float, default=600.0, help="seconds an idle session lives")
+    p.add_argument("--orphan-ttl", type=float, default=60.0, help="seconds a session of a dropped client lives")
+    p.add_argument("--max-frame-mb", type=float, default=DEFAULT_MAX_FRAME / 2**20, help="largest frame accepted")
+    p.add_argument("--model-id", default=None, help="model to load at start (clients may load others)")
+    p.add_argument("--weights", default="auto", choices=["auto", "pretrained", "synthetic"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    max_concurrent = args.max_concurrent
+    env = os.environ.get("GENIE_QOS_MAX_CONCURRENCY")
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise SystemExit(f"GENIE_QOS_MAX_CONCURRENCY: expected a positive integer, got {env!r}")
+        max_concurrent = int(env)
+    device = args.device
+    if device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{args.gpu}"
+        elif device == "cuda":
+            raise SystemExit("--device cuda: no CUDA GPU is visible; use --device cpu")
+    if max_concurrent < 1:
+        raise SystemExit("--max-concurrent: must be >= 1")
+    for name in ("max_seq_len", "max_slots", "prefill_chunk"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')}: must be >= 1")
+    return ServerConfig(device=device, max_concurrent=max_concurrent, max_vram_gb=args.max_vram_gb,
+                        max_seq_len=args.max_seq_len, max_slots=args.max_slots, prefill_chunk=args.prefill_chunk,
+                        session_ttl_s=args.session_ttl, orphan_ttl_s=args.orphan_ttl, weights=args.weights,
+                        dtype=args.dtype, seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    from djinn.server.server import serve
+    from djinn.server.service import RequestError
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_args(args)
+    preload = {"model_id": args.model_id, "weights": args.weights, "dtype": args.dtype} if args.model_id else None
+    control = None if args.control_port < 0 else args.control_port
+    try:
+        asyncio.run(serve(config, args.host, args.port, control, int(args.max_frame_mb * 2**20), preload))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"djinn-server: cannot listen: {exc}", file=sys.stderr)
+        return 2
+    except RequestError as exc:
+        print(f"djinn-server: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

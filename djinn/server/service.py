@@ -1,0 +1,216 @@
+"""What the Djinn server does, independent of the wire: models, sessions, admission.
+
+Both planes call into :class:`DjinnService` from the asyncio loop; compute runs on
+each model's engine thread. One copy of each model's weights is shared by every
+session of that model (Text Segment); each session's KV lives in the engine's
+pool or, when parked, in host memory (Data Segment).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from djinn.engine.engine import MODES, Engine, EngineError
+from djinn.models.loader import LoadedModel, ModelLoadError, load_model
+
+log = logging.getLogger("djinn.server")
+GiB = 1 << 30
+
+
+class RequestError(Exception):
+    """A request the server refuses; ``code`` travels to the client, the server keeps serving."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ServerConfig:
+    device: str = "auto"
+    max_concurrent: int = 64
+    max_vram_gb: float = 80.0
+    max_seq_len: int = 512
+    max_slots: int = 256
+    prefill_chunk: int = 512
+    session_ttl_s: float = 600.0
+    orphan_ttl_s: float = 60.0
+    weights: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class SessionInfo:
+    model_id: str
+    mode: str
+    owner: Optional[int]
+    last_active: float = field(default_factory=time.monotonic)
+    orphaned_at: Optional[float] = None
+
+
+@dataclass
+class ModelEntry:
+    loaded: LoadedModel
+    engine: Engine
+
+
+class DjinnService:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.models: dict[str, ModelEntry] = {}
+        self.sessions: dict[str, SessionInfo] = {}
+        self.active = 0
+        self.counters = {"requests_total": 0, "requests_refused_total": 0, "bytes_in_total": 0,
+                         "bytes_out_total": 0, "sessions_opened_total": 0, "sessions_expired_total": 0}
+        self._conn_ids = itertools.count(1)
+        self._load_lock = asyncio.Lock()
+        self.loading = False
+
+    # -- models ------------------------------------------------------------------
+    def _kv_budget(self, weight_bytes: int, device: torch.device) -> int:
+        cap = self.config.max_vram_gb * GiB
+        if device.type == "cuda":
+            cap = min(cap, torch.cuda.get_device_properties(device).total_memory * 0.92)
+        used = sum(m.loaded.weight_bytes + m.engine.pool.nbytes for m in self.models.values())
+        reserve = min(4 * GiB, 0.05 * cap) + weight_bytes * 0.1  # activations, allocator slack
+        budget = int(cap - used - weight_bytes - reserve)
+        if budget <= 0:
+            raise RequestError("out_of_memory", f"--max-vram-gb {self.config.max_vram_gb} leaves no room for the "
+                                                f"KV cache after {weight_bytes / GiB:.2f} GiB of weights; raise it")
+        return budget
+
+    async def load(self, model_id: str, weights: Optional[str] = None, dtype: Optional[str] = None) -> ModelEntry:
+        """Load ``model_id`` once; later calls (any session, any client) share it."""
+        async with self._load_lock:
+            if model_id in self.models:
+                return self.models[model_id]
+            self.loading = True
+            try:
+                loaded = await asyncio.to_thread(load_model, model_id, weights or self.config.weights,
+                                                 dtype or self.config.dtype, self.config.device, self.config.seed)
+                budget = self._kv_budget(loaded.weight_bytes, loaded.device)
+                engine = Engine(loaded.model, max_seq=self.config.max_seq_len, kv_budget_bytes=budget,
+                                max_slots=self.config.max_slots, prefill_chunk=self.config.prefill_chunk)
+            except ModelLoadError as exc:
+                raise RequestError("bad_request", str(exc)) from None
+            finally:
+                self.loading = False
+            self.models[model_id] = ModelEntry(loaded, engine)
+            log.info("loaded %s (%s weights, %.1f MiB, %s %s): %d KV slots of %d tokens", model_id,
+                     loaded.weights, loaded.weight_bytes / 2**20, loaded.device, str(loaded.dtype).removeprefix("torch."),
+                     engine.pool.n_slots, engine.pool.max_seq)
+            return self.models[model_id]
+
+    def _model(self, model_id: Optional[str]) -> ModelEntry:
+        if model_id is None:
+            if len(self.models) != 1:
+                raise RequestError("bad_request", "model_id: required when the server holds "
+                                                  f"{len(self.models)} models")
+            return next(iter(self.models.values()))
+        entry = self.models.get(model_id)
+        if entry is None:
+            raise RequestError("not_found", f"model_id: {model_id} is not loaded; send load_model first")
+        return entry
+
+    # -- connections and sessions ------------------------------------------------------
+    def new_connection(self) -> int:
+        return next(self._conn_ids)
+
+    async def connection_lost(self, conn: int) -> None:
+        """Park the sessions of a dropped client (frees the device); they expire after orphan_ttl."""
+        for sid, info in list(self.sessions.items()):
+            if info.owner == conn:
+                info.owner, info.orphaned_at = None, time.monotonic()
+                entry = self.models.get(info.model_id)
+                if entry is not None:
+                    await asyncio.wrap_future(entry.engine.park_session(sid))
+
+    async def open_session(self, conn: Optional[int], model_id: Optional[str], mode: str,
+                           weights: Optional[str] = None) -> str:
+        if mode not in MODES:
+            raise RequestError("bad_request", f"mode: {mode!r} is not one of {', '.join(MODES)}")
+        entry = await self.load(model_id, weights) if model_id else self._model(None)
+        s = await asyncio.wrap_future(entry.engine.open_session(mode))
+        self.sessions[s.id] = SessionInfo(entry.loaded.model_id, mode, conn)
+        self.counters["sessions_opened_total"] += 1
+        return s.id
+
+    def _session(self, conn: Optional[int], sid: Any) -> tuple[SessionInfo, ModelEntry]:
+        info = self.sessions.get(str(sid))
+        if info is None:
+            raise RequestError("not_found", f"session_id: {sid} not found (closed or expired); open a new session")
+        info.last_active = time.monotonic()
+        if conn is not None:
+            info.owner, info.orphaned_at = conn, None
+        return info, self.models[info.model_id]
+
+    async def close_session(self, conn: Optional[int], sid: str) -> bool:
+        info, entry = self._session(conn, sid)
+        del self.sessions[sid]
+        return await asyncio.wrap_future(entry.engine.close_session(sid))
+
+    async def park_session(self, conn: Optional[int], sid: str) -> bool:
+        _, entry = self._session(conn, sid)
+        return await asyncio.wrap_future(entry.engine.park_session(sid))
+
+    async def expire_sessions(self) -> int:
+        now, n = time.monotonic(), 0
+        for sid, info in list(self.sessions.items()):
+            idle = now - info.last_active
+            if idle > self.config.session_ttl_s or (info.orphaned_at and now - info.orphaned_at > self.config.orphan_ttl_s):
+                self.sessions.pop(sid, None)
+                await asyncio.wrap_future(self.models[info.model_id].engine.close_session(sid))
+                self.counters["sessions_expired_total"] += 1
+                log.info("expired session %s (idle %.0f s)", sid, idle)
+                n += 1
+        return n
+
+    # -- compute -------------------------------------------------------------------------
+    def admit(self) -> None:
+        if self.active >= self.config.max_concurrent:
+            self.counters["requests_refused_total"] += 1
+            raise RequestError("concurrency_limit", f"Concurrency limit exceeded: {self.active} active requests "
+                                                    f">= {self.config.max_concurrent} limit")
+        self.active += 1
+        self.counters["requests_total"] += 1
+
+    async def generate(self, conn: Optional[int], sid: str, tokens: list[int], max_new_tokens: int):
+        info, entry = self._session(conn, sid)
+        if info.mode != "full_djinn":
+            raise RequestError("bad_request", f"session {sid} is {info.mode}: use forward, or open a full_djinn session")
+        if max_new_tokens < 0:
+            raise RequestError("bad_request", "max_new_tokens: must be >= 0")
+        try:
+            return await asyncio.wrap_future(entry.engine.generate(sid, tokens, max_new_tokens))
+        except EngineError as exc:
+            raise RequestError("bad_request", str(exc)) from None
+
+    async def forward(self, model_id: Optional[str], tokens: list[int], past_kv=None, return_kv: bool = False):
+        entry = self._model(model_id)
+        try:
+            if past_kv is not None:
+                past_kv = tuple(t.to(entry.loaded.dtype) for t in past_kv)
+            return await asyncio.wrap_future(entry.engine.forward(tokens, past_kv, return_kv))
+        except EngineError as exc:
+            raise RequestError("bad_request", str(exc)) from None
+
+    def metrics(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.counters, active_requests=self.active,
+                                   max_concurrent=self.config.max_concurrent, sessions=len(self.sessions))
+        for mid, m in self.models.items():
+            out[mid] = m.engine.snapshot()
+        if torch.cuda.is_available():
+            out["cuda_memory_allocated_bytes"] = torch.cuda.memory_allocated()
+            out["cuda_memory_reserved_bytes"] = torch.cuda.memory_reserved()
+        return out
+
+    def shutdown(self) -> None:
+        for m in self.models.values():
+            m.engine.shutdown()

@@ -1,0 +1,98 @@
+"""Claims: PASS, FAIL and N/A, with the inputs they were computed from."""
+import pytest
+
+from analysis_testdata import agent_doc, scaling_docs
+from djinn_analysis.claims import evaluate, status_counts
+from djinn_analysis.tables import table2
+
+
+def claims_of(docs):
+    agent = {}
+    for d in docs:
+        agent.setdefault(d.baseline, {})[d.n_agents] = d
+    return {c["id"]: c for c in evaluate(table2(agent))}
+
+
+def test_seed_claims_pass_at_n32():
+    # keep-alive fits one agent (OOM at N=2); Djinn and serverless reach N=32
+    c = claims_of(scaling_docs(ns=(1, 2, 4, 8, 16, 32), keepalive_oom_at=2))
+    d = c["tenant_density"]
+    assert d["status"] == "PASS" and d["value"] == pytest.approx(32.0)
+    assert d["inputs"]["djinn_agents_max_n_without_oom"] == 32
+    assert d["inputs"]["ray_keepalive_max_n_without_oom"] == 1
+    assert d["inputs"]["ray_keepalive_first_oom_n"] == 2
+    assert "lower bound" in d["reason"]
+
+    lat = c["latency_ratio"]
+    assert lat["status"] == "PASS"
+    per_n = {x["n_agents"]: x for x in lat["inputs"]["per_n"]}
+    assert sorted(per_n) == [1, 2, 4, 8, 16, 32]
+    assert per_n[4]["ray_serverless_p99_ms"] == pytest.approx(6293.0)
+    assert per_n[4]["djinn_agents_p99_ms"] == pytest.approx(102.93)
+    assert per_n[4]["ratio"] == pytest.approx(6293.0 / 102.93)
+    assert lat["value"] == pytest.approx(min(x["ratio"] for x in per_n.values()))
+
+    rs = c["reflect_speedup"]
+    assert rs["status"] == "PASS"
+    sp = {x["n_agents"]: x for x in rs["inputs"]["per_n"]}
+    assert sp[1]["speedup"] == pytest.approx(100 / 10) and sp[1]["in_expected_range"]
+    assert sp[32]["speedup"] == pytest.approx(115.5 / 25.5) and not sp[32]["in_expected_range"]
+
+    # N=32: Djinn p99 over 64 steps (REFLECT 10..41, REASON 100..131): rank 62.37
+    xs = sorted([10 + a for a in range(32)] + [100 + a for a in range(32)])
+    assert c["djinn_p99_n32"]["status"] == "PASS"
+    assert c["djinn_p99_n32"]["value"] == pytest.approx(xs[62] + 0.37 * (xs[63] - xs[62]))
+    assert c["serverless_p99_n32"]["status"] == "PASS" and c["serverless_p99_n32"]["value"] > 5000
+
+
+def test_density_fails_when_djinn_only_reaches_8():
+    c = claims_of(scaling_docs())  # keep-alive OOM at 4 -> max 2; Djinn max 8
+    d = c["tenant_density"]
+    assert d["status"] == "FAIL" and d["value"] == pytest.approx(4.0)
+    assert "8 / 2" in d["reason"]
+
+
+def test_latency_ratio_fails_at_one_n():
+    docs = [d for d in scaling_docs() if not (d.baseline == "ray_serverless" and d.n_agents == 2)]
+    docs.append(agent_doc("ray_serverless", 2, reason_base=500, reflect_base=400))  # only ~5x Djinn
+    lat = claims_of(docs)["latency_ratio"]
+    assert lat["status"] == "FAIL"
+    assert lat["value"] == pytest.approx(500.99 / 101.0, rel=1e-3)
+    assert "N=2" in lat["reason"]
+
+
+def test_reflect_slower_than_reason_fails():
+    docs = [d for d in scaling_docs() if d.baseline != "djinn_agents"]
+    docs += [agent_doc("djinn_agents", n, reason_base=50, reflect_base=60) for n in (1, 2, 4, 8)]
+    rs = claims_of(docs)["reflect_speedup"]
+    assert rs["status"] == "FAIL" and rs["value"] < 1
+
+
+def test_n32_checks_fail_on_slow_djinn_and_oom():
+    docs = [agent_doc("djinn_agents", 32, reason_base=300, reflect_base=250),
+            agent_doc("ray_serverless", 32, 0, 0, oom=True, error="CUDA out of memory")]
+    c = claims_of(docs)
+    assert c["djinn_p99_n32"]["status"] == "FAIL" and c["djinn_p99_n32"]["value"] > 200
+    sv = c["serverless_p99_n32"]
+    assert sv["status"] == "FAIL" and sv["value"] is None and "OOM" in sv["reason"]
+
+
+def test_missing_data_is_na_without_numbers():
+    c = claims_of([d for d in scaling_docs() if d.baseline == "djinn_agents"])
+    for cid in ("tenant_density", "latency_ratio", "djinn_p99_n32", "serverless_p99_n32"):
+        assert c[cid]["status"] == "N/A" and c[cid]["value"] is None and c[cid]["reason"], cid
+    assert "ray_keepalive" in c["tenant_density"]["reason"]
+    assert c["reflect_speedup"]["status"] == "PASS"
+    assert status_counts(list(c.values())) == {"PASS": 1, "FAIL": 0, "N/A": 4}
+    assert all(cl["status"] == "N/A" for cl in claims_of([]).values())
+
+
+def test_density_when_keepalive_never_ooms():
+    # capacity unknown: a ratio >= 20 cannot be claimed ...
+    docs = [agent_doc("ray_keepalive", 1, 80, 70)] + [agent_doc("djinn_agents", n, 100, 10) for n in (1, 32)]
+    d = claims_of(docs)["tenant_density"]
+    assert d["status"] == "N/A" and d["value"] is None and d["inputs"]["density_upper_bound"] == 32
+    # ... but a ratio below 20 is a FAIL even as an upper bound
+    docs = [agent_doc("ray_keepalive", 2, 80, 70)] + [agent_doc("djinn_agents", n, 100, 10) for n in (1, 8)]
+    d = claims_of(docs)["tenant_density"]
+    assert d["status"] == "FAIL" and d["value"] == pytest.approx(4.0)
