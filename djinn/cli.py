@@ -200,6 +200,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (SpecError, ModelLoadError, DjinnError) as exc:
         print(f"djinn-bench: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from djinn_analysis import AnalysisError
+
+        if not isinstance(exc, AnalysisError):
+            raise
+        print(f"djinn-bench: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
 

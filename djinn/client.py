@@ -123,6 +123,8 @@ class DjinnClient:
         header, out = protocol.decode_payload(payload)
         if not header.get("ok"):
             code = header.get("code", "error")
+            if code == "protocol_error":
+                self.close()  # the server closes the connection after a bad frame; reconnect next time
             raise _ERRORS.get(code, DjinnError)(code, header.get("error", "request failed"))
         return Reply(header, out, len(frame), received)
 

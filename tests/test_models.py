@@ -1,0 +1,49 @@
+import torch
+
+from djinn.models import load_model
+from djinn.models.loader import build_synthetic, load_tokenizer_for
+from djinn.models.tokenizer import HashTokenizer
+from djinn.paths import DEFAULT_PROMPT_FILE
+
+
+def test_tiny_gpt2_synthetic_builds_real_architecture():
+    lm = load_model("sshleifer/tiny-gpt2", weights="auto", device="cpu", quiet=True)
+    assert lm.weights == "synthetic" and type(lm.model).__name__ == "GPT2LMHeadModel"
+    assert lm.model.config.n_embd == 2 and lm.model.config.vocab_size == 50257
+    assert lm.dtype == torch.float32 and lm.device.type == "cpu"
+
+
+def test_synthetic_weights_are_seeded():
+    a = build_synthetic("djinn/tiny-llama", torch.float32, "cpu", seed=3)
+    b = build_synthetic("djinn/tiny-llama", torch.float32, "cpu", seed=3)
+    c = build_synthetic("djinn/tiny-llama", torch.float32, "cpu", seed=4)
+    wa, wb, wc = (m.model.layers[0].self_attn.q_proj.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_llama2_7b_shape_on_meta_device():
+    model = build_synthetic("meta-llama/Llama-2-7b-hf", torch.float16, "meta")
+    n = sum(p.numel() for p in model.parameters())
+    assert 6.7e9 < n < 6.8e9  # Llama-2-7B has 6.74 B parameters
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 32
+
+
+def test_unknown_model_without_weights_names_the_fix():
+    import pytest
+
+    from djinn.models.loader import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="^model_id: .*use a local path or one of"):
+        load_model("nobody/no-such-model", device="cpu", quiet=True)
+    with pytest.raises(ModelLoadError, match="--weights synthetic"):
+        load_model("sshleifer/tiny-gpt2", weights="pretrained", device="cpu", quiet=True)
+
+
+def test_fallback_tokenizer_is_deterministic_and_in_vocab():
+    a, b = HashTokenizer(32000), HashTokenizer(32000)
+    text = DEFAULT_PROMPT_FILE.read_text()
+    ids = a.encode(text)
+    assert ids == b.encode(text) and all(3 <= i < 32000 for i in ids)
+    assert len(ids) == 72  # configs/prompt.txt is a 72-token prompt for this tokenizer
+    assert a.decode(a.encode("Djinn keeps caches.")) == "Djinn keeps caches ."
+    assert load_tokenizer_for("sshleifer/tiny-gpt2").encode(text) == HashTokenizer(50257).encode(text)

@@ -1,0 +1,187 @@
+"""A real Djinn server process on 127.0.0.1 (tiny Llama, CPU) driven through djinn.client."""
+import json
+import socket
+import struct
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from djinn.client import ConcurrencyLimitExceeded, DjinnClient, DjinnError, SessionNotFound
+from djinn.runners.decode import REMOTE_MODES
+from djinn.runners.local_server import LocalServer
+from tests.conftest import TINY_LLAMA, hf_greedy
+
+PROMPT = list(range(10, 82))
+
+
+def test_full_djinn_matches_local_generate_and_reuses_the_session(djinn_server, tiny_llama):
+    with DjinnClient(djinn_server.address) as c:
+        s = c.open_session(model_id=TINY_LLAMA)
+        before = c.bytes_sent
+        reason = s.generate(PROMPT, 20)
+        reason_bytes = c.bytes_sent - before
+        assert reason == hf_greedy(tiny_llama.model, PROMPT, 20)
+        sent_before = c.bytes_sent
+        reflect = s.generate([5, 6, 7], 10)
+        assert reflect == hf_greedy(tiny_llama.model, PROMPT + reason + [5, 6, 7], 10)
+        assert s.kv_processed_len == 72 + 20 + 3 + 9
+        # Reflect sent 3 token ids (24 bytes + header), not the 92-token history
+        assert c.bytes_sent - sent_before < reason_bytes - 69 * 8
+        assert s.close() is True
+        with pytest.raises(SessionNotFound):
+            s.generate([1], 1)
+    time.sleep(0.2)
+    assert f"Reusing session {s.id}" in djinn_server.log.read_text()
+
+
+def test_three_modes_agree_on_tokens_and_differ_in_bytes(djinn_server, tiny_llama):
+    expected = hf_greedy(tiny_llama.model, PROMPT, 8)
+    per_token = {}
+    with DjinnClient(djinn_server.address) as c:
+        for mode, fn in REMOTE_MODES.items():
+            before = c.bytes_sent + c.bytes_received
+            assert fn(c, TINY_LLAMA, PROMPT, 8) == expected, mode
+            per_token[mode] = (c.bytes_sent + c.bytes_received - before) / 8
+    assert per_token["full_djinn"] < per_token["partially_aware"] < per_token["semantic_blind"]
+
+
+def test_control_plane_health_metrics_and_sessions(djinn_server):
+    base = f"http://127.0.0.1:{djinn_server.control_port}"
+    with urllib.request.urlopen(base + "/healthz") as r:
+        assert json.load(r)["models"] == [TINY_LLAMA]
+    req = urllib.request.Request(base + "/v1/sessions", data=json.dumps({"mode": "full_djinn"}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as r:
+        sid = json.load(r)["sessionId"]
+    with urllib.request.urlopen(base + "/v1/sessions") as r:
+        assert sid in [s["sessionId"] for s in json.load(r)["sessions"]]
+    with urllib.request.urlopen(urllib.request.Request(f"{base}/v1/sessions/{sid}", method="DELETE")) as r:
+        assert json.load(r)["closed"] is True
+    text = djinn_server.metrics()
+    assert "djinn_requests_total" in text and f'djinn_engine_kv_slots{{model="{TINY_LLAMA}"}}' in text
+
+
+def _raw(address, data: bytes) -> bytes:
+    host, port = address.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(data)
+        chunks = []
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return b"".join(chunks)  # the server closed the connection
+            chunks.append(chunk)
+
+
+def test_malformed_frames_get_an_error_reply_and_the_server_survives(djinn_server):
+    from djinn.server import protocol
+
+    for junk in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", struct.pack(">4sBI", b"DJNN", 1, 2**31),
+                 struct.pack(">4sBI", b"DJNN", 1, 6) + struct.pack(">I", 2) + b"{]"):
+        reply = _raw(djinn_server.address, junk)
+        header, _ = protocol.decode_payload(reply[9:])
+        assert header["ok"] is False and header["code"] == "protocol_error"
+    with DjinnClient(djinn_server.address) as c:
+        with pytest.raises(DjinnError, match="unknown operation"):
+            c.request("explode")
+        with pytest.raises(DjinnError, match="mode"):
+            c.open_session(mode="turbo")
+        assert c.hello()["version"] == 1
+
+
+def test_concurrent_clients_get_correct_tokens(djinn_server, tiny_llama):
+    n, results, errors = 12, {}, []
+
+    def agent(i):
+        try:
+            with DjinnClient(djinn_server.address, timeout=60) as c:
+                s = c.open_session()
+                results[i] = (s.generate(PROMPT[i:], 12), s.generate([i + 1], 6))
+                s.close()
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=agent, args=(i,)) for i in range(n)]
+    [t.start() for t in threads]
+    [t.join(timeout=120) for t in threads]
+    assert not errors and len(results) == n
+    for i in (0, 5, 11):
+        first, second = results[i]
+        assert first == hf_greedy(tiny_llama.model, PROMPT[i:], 12)
+        assert second == hf_greedy(tiny_llama.model, PROMPT[i:] + first + [i + 1], 6)
+
+
+@pytest.fixture(scope="module")
+def strict_server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("strict") / "server.log"
+    extra = ["--max-concurrent", "1", "--session-ttl", "2", "--orphan-ttl", "1", "--max-frame-mb", "0.01",
+             "--max-seq-len", "512"]
+    with LocalServer(TINY_LLAMA, weights="synthetic", device="cpu", extra=extra, log_path=str(log)) as server:
+        yield server
+
+
+def test_concurrency_limit_refuses_with_the_seed_message(strict_server):
+    slow_done = threading.Event()
+
+    def slow():  # keeps trying until it holds the only slot for a long generation
+        with DjinnClient(strict_server.address) as c:
+            s = c.open_session()
+            for _ in range(200):
+                try:
+                    s.generate(PROMPT, 400)
+                    break
+                except ConcurrencyLimitExceeded:
+                    time.sleep(0.01)
+        slow_done.set()
+
+    t = threading.Thread(target=slow)
+    t.start()
+    with DjinnClient(strict_server.address) as c:
+        deadline, refused = time.monotonic() + 20, None
+        while refused is None and time.monotonic() < deadline and not slow_done.is_set():
+            try:
+                c.forward([1, 2])
+            except ConcurrencyLimitExceeded as exc:
+                refused = exc
+        t.join(timeout=60)
+        assert str(refused) == "Concurrency limit exceeded: 1 active requests >= 1 limit"
+        assert len(c.open_session().generate([1, 2], 2)) == 2  # served again once the slow one finished
+
+
+def test_env_overrides_max_concurrent(monkeypatch):
+    from djinn.server.server_main import build_parser, config_from_args
+
+    monkeypatch.setenv("GENIE_QOS_MAX_CONCURRENCY", "7")
+    assert config_from_args(build_parser().parse_args(["--device", "cpu"])).max_concurrent == 7
+    monkeypatch.setenv("GENIE_QOS_MAX_CONCURRENCY", "many")
+    with pytest.raises(SystemExit, match="GENIE_QOS_MAX_CONCURRENCY"):
+        config_from_args(build_parser().parse_args(["--device", "cpu"]))
+
+
+def test_oversized_request_is_refused_and_sessions_expire(strict_server):
+    with DjinnClient(strict_server.address) as c:
+        with pytest.raises(DjinnError, match="exceeds"):
+            c.forward(list(range(5000)))  # 40 kB frame over the 10 kB limit: error reply, then closed
+        s = c.open_session()  # the client reconnects
+        s.generate([1, 2, 3], 2)
+        time.sleep(4.5)  # session TTL 2 s
+        with pytest.raises(SessionNotFound):
+            s.generate([4], 1)
+
+
+def test_dropped_client_is_parked_then_expired(strict_server):
+    c = DjinnClient(strict_server.address).connect()
+    s = c.open_session()
+    s.generate(PROMPT, 4)
+    c.close()  # drop without closing the session
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        m = strict_server.metrics()
+        if "djinn_sessions 0" in m:
+            break
+        time.sleep(0.3)
+    m = strict_server.metrics()
+    assert "djinn_sessions 0" in m and "djinn_sessions_expired_total" in m
+    assert f'djinn_engine_kv_slots_free{{model="{TINY_LLAMA}"}} 256' in m  # nothing left on the device
