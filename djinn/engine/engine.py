@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from djinn.engine.decode_runner import DecodeRunner
 from djinn.engine.kv_pool import KVPool, slot_bytes
 from djinn.engine.transformer import PoolTransformer
 
@@ -80,15 +81,16 @@ class Result:
 
 class Engine:
     def __init__(self, model, *, max_seq: int = 512, kv_budget_bytes: Optional[int] = None,
-                 max_slots: int = 256, prefill_chunk: int = 512):
+                 max_slots: int = 256, prefill_chunk: int = 512, cuda_graphs: bool = True):
         self.model = model
         self.net = PoolTransformer(model)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         max_seq = min(max_seq, self.net.shape.max_positions)
         per_slot = slot_bytes(self.net.shape, max_seq, self.dtype)
-        n_slots = max_slots if kv_budget_bytes is None else min(max_slots, kv_budget_bytes // per_slot)
+        n_slots = max_slots if kv_budget_bytes is None else min(max_slots, kv_budget_bytes // per_slot - 1)
         self.pool = KVPool(self.net.shape, int(n_slots), max_seq, self.dtype, self.device)
+        self.decoder = DecodeRunner(self.net, self.pool, cuda_graphs)
         self.prefill_chunk = prefill_chunk
         self.sessions: dict[str, Session] = {}
         self.stats = {"requests": 0, "tokens_generated": 0, "tokens_prefilled": 0, "decode_steps": 0,
@@ -287,13 +289,8 @@ class Engine:
         batch = [r for r in self._running if r.decoding]
         if not batch:
             return
-        dev = self.device
-        slots = torch.tensor([r.session.slot for r in batch], device=dev)
-        positions = torch.tensor([r.session.kv_len for r in batch], device=dev)
-        tokens = torch.tensor([r.session.history[r.session.kv_len] for r in batch], device=dev)
-        span = int(max(r.session.kv_len for r in batch)) + 1
-        logits = self.net.decode(self.pool.k, self.pool.v, slots, tokens, positions, span)
-        nxt = logits.argmax(-1).tolist()
+        nxt = self.decoder([r.session.slot for r in batch], [r.session.history[r.session.kv_len] for r in batch],
+                           [r.session.kv_len for r in batch])
         for r, t in zip(batch, nxt):
             r.session.kv_len += 1
             r.out.append(t)
@@ -303,25 +300,35 @@ class Engine:
         self.stats["tokens_generated"] += len(batch)
 
     def _prefill_step(self) -> None:
+        """Up to ``prefill_chunk`` tokens of pending prompts; chunks of one length run as one batch."""
         budget = self.prefill_chunk
-        for r in [r for r in self._running if r.pending]:
+        groups: dict[int, list[tuple[Request, list[int]]]] = {}
+        for r in self._running:
             if budget <= 0:
                 break
-            s = r.session
-            chunk, r.pending = r.pending[:budget], r.pending[budget:]
-            budget -= len(chunk)
-            self.pool.wait_ready(s.slot)
-            toks = torch.tensor(chunk, device=self.device)
-            logits = self.net.prefill(self.pool.k, self.pool.v, s.slot, toks, s.kv_len)
-            s.kv_len += len(chunk)
-            self.stats["tokens_prefilled"] += len(chunk)
-            if not r.pending:
-                r.logits = logits
-                if r.max_new_tokens > 0:
-                    t = int(logits.argmax())
-                    r.out.append(t)
-                    s.history.append(t)
-                    self.stats["tokens_generated"] += 1
+            if r.pending:
+                chunk, r.pending = r.pending[:budget], r.pending[budget:]
+                budget -= len(chunk)
+                groups.setdefault(len(chunk), []).append((r, chunk))
+        dev = self.device
+        for length, items in groups.items():
+            for r, _ in items:
+                self.pool.wait_ready(r.session.slot)
+            logits = self.net.prefill(self.pool.k, self.pool.v,
+                                      torch.tensor([r.session.slot for r, _ in items], device=dev),
+                                      torch.tensor([c for _, c in items], device=dev),
+                                      torch.tensor([r.session.kv_len for r, _ in items], device=dev))
+            firsts = logits.argmax(-1).tolist()
+            for (r, _), row, t in zip(items, logits, firsts):
+                s = r.session
+                s.kv_len += length
+                self.stats["tokens_prefilled"] += length
+                if not r.pending:
+                    r.logits = row
+                    if r.max_new_tokens > 0:
+                        r.out.append(t)
+                        s.history.append(t)
+                        self.stats["tokens_generated"] += 1
 
     def _loop(self) -> None:
         while not self._stop.is_set():

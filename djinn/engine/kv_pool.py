@@ -14,12 +14,14 @@ def slot_bytes(shape: Shape, max_seq: int, dtype: torch.dtype) -> int:
 
 
 class KVPool:
-    """``n_slots`` fixed slots of ``max_seq`` tokens; copies to/from host run on a side stream."""
+    """``n_slots`` fixed slots of ``max_seq`` tokens, plus one scratch slot that padding rows of a
+    batch may write to; copies to/from host run on a side stream."""
 
     def __init__(self, shape: Shape, n_slots: int, max_seq: int, dtype: torch.dtype, device: torch.device):
         if n_slots < 1:
             raise ValueError("the KV pool needs at least one slot; raise --max-vram-gb or lower --max-seq-len")
-        dims = (shape.n_layers, n_slots, shape.n_kv_heads, max_seq, shape.head_dim)
+        dims = (shape.n_layers, n_slots + 1, shape.n_kv_heads, max_seq, shape.head_dim)
+        self.scratch = n_slots
         self.k = torch.zeros(dims, dtype=dtype, device=device)
         self.v = torch.zeros(dims, dtype=dtype, device=device)
         self.n_slots, self.max_seq, self.device = n_slots, max_seq, device

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from djinn.engine.attention import torch_pool_decode_attention, triton_pool_decode_attention, triton_supported
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -52,6 +54,14 @@ class PoolTransformer:
         else:
             raise NotImplementedError(f"model_type {self.family!r}: only gpt2 and llama-style models are supported")
         self.scale = self.shape.head_dim ** -0.5
+        self.rope_table = None
+        if self.family != "gpt2":  # cos/sin of every position once: a lookup inside CUDA graphs
+            p = next(model.parameters())
+            positions = torch.arange(self.shape.max_positions, device=p.device)
+            with torch.inference_mode():
+                cos, sin = self.body.rotary_emb(torch.empty(1, dtype=p.dtype, device=p.device), positions[None])
+            self.rope_table = (cos[0], sin[0])
+        self.use_triton = False
 
     # -- per-family pieces ---------------------------------------------------
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -59,11 +69,10 @@ class PoolTransformer:
             return self.body.wte(tokens) + self.body.wpe(positions)
         return self.body.embed_tokens(tokens)
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor):
-        if self.family == "gpt2":
+    def _rope(self, positions: torch.Tensor):
+        if self.rope_table is None:
             return None
-        cos, sin = self.body.rotary_emb(x, positions.reshape(1, -1))
-        return cos[0], sin[0]  # [T, head_dim]
+        return self.rope_table[0][positions], self.rope_table[1][positions]  # [T, head_dim]
 
     def _qkv(self, layer, h: torch.Tensor, rope):
         """h [T, hidden] -> q [T, H, D], k/v [T, KVH, D] (rotary applied)."""
@@ -100,49 +109,55 @@ class PoolTransformer:
 
     # -- entry points ----------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, k_pool, v_pool, slot: int, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """Process ``tokens`` [T] of one session at positions ``start..start+T-1``; returns last logits [V]."""
-        T = tokens.shape[0]
-        end = start + T
-        positions = torch.arange(start, end, device=tokens.device)
-        x = self._embed(tokens, positions)
-        rope = self._rope(x, positions)
-        mask = None
-        if start:
-            mask = torch.arange(end, device=tokens.device)[None, :] <= positions[:, None]  # [T, S]
+    def prefill(self, k_pool, v_pool, slots: torch.Tensor, tokens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """Process ``tokens`` [B, T] of B sessions at positions ``starts[b]..starts[b]+T-1``
+        (one chunk length T for the group); returns the last position's logits [B, V]."""
+        B, T = tokens.shape
+        positions = starts[:, None] + torch.arange(T, device=tokens.device)  # [B, T]
+        end = int(starts.max()) + T
+        flat = positions.reshape(-1)
+        x = self._embed(tokens.reshape(-1), flat)
+        rope = self._rope(flat)
+        mask = (torch.arange(end, device=tokens.device)[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+        rows = slots[:, None].expand(B, T)
 
         for li, layer in enumerate(self._layers()):
             def attend(q, k, v, li=li):
-                k_pool[li, slot, :, start:end] = k.transpose(0, 1)
-                v_pool[li, slot, :, start:end] = v.transpose(0, 1)
-                kk, vv = k_pool[li, slot, :, :end], v_pool[li, slot, :, :end]
-                o = F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=mask,
-                                                   is_causal=mask is None, scale=self.scale,
-                                                   enable_gqa=kk.shape[0] != q.shape[1])
-                return o.transpose(0, 1).reshape(T, -1)
+                k_pool[li, rows, :, positions] = k.view(B, T, *k.shape[1:])
+                v_pool[li, rows, :, positions] = v.view(B, T, *v.shape[1:])
+                kk = k_pool[li, :, :, :end][slots]  # [B, KVH, end, D]
+                vv = v_pool[li, :, :, :end][slots]
+                qq = q.view(B, T, *q.shape[1:]).transpose(1, 2)  # [B, H, T, D]
+                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=self.scale,
+                                                   enable_gqa=kk.shape[1] != qq.shape[1])
+                return o.transpose(1, 2).reshape(B * T, -1)
 
             x = self._layer(layer, x, rope, attend)
-        return self._logits(x[-1:])[0]
+        return self._logits(x.view(B, T, -1)[:, -1])
 
     @torch.inference_mode()
     def decode(self, k_pool, v_pool, slots: torch.Tensor, tokens: torch.Tensor,
                positions: torch.Tensor, span: int) -> torch.Tensor:
         """One token for each of B sessions: ``slots``/``tokens``/``positions`` are [B];
-        ``span`` >= max(positions)+1 bounds the attended cache. Returns logits [B, V]."""
-        B = tokens.shape[0]
+        ``span`` >= max(positions)+1 bounds the attended cache (torch path). Returns logits [B, V].
+        With ``use_triton`` the attention reads the pool in place and nothing here syncs
+        with the host, so the whole step can be captured in a CUDA graph."""
         x = self._embed(tokens, positions)
-        rope = self._rope(x, positions)
-        mask = (torch.arange(span, device=tokens.device)[None, :] <= positions[:, None]).view(B, 1, 1, span)
+        rope = self._rope(positions)
+        lengths = positions + 1
 
         for li, layer in enumerate(self._layers()):
             def attend(q, k, v, li=li):
                 k_pool[li, slots, :, positions] = k
                 v_pool[li, slots, :, positions] = v
-                kk = k_pool[li, :, :, :span][slots]  # [B, KVH, span, D]
-                vv = v_pool[li, :, :, :span][slots]
-                o = F.scaled_dot_product_attention(q.unsqueeze(2), kk, vv, attn_mask=mask, scale=self.scale,
-                                                   enable_gqa=kk.shape[1] != q.shape[1])
-                return o.reshape(B, -1)
+                if self.use_triton:
+                    return triton_pool_decode_attention(q, k_pool[li], v_pool[li], slots, lengths, self.scale)
+                return torch_pool_decode_attention(q, k_pool[li], v_pool[li], slots, lengths, self.scale, span)
 
             x = self._layer(layer, x, rope, attend)
         return self._logits(x)
+
+    def enable_triton(self, probe: torch.Tensor) -> bool:
+        """Use the in-place Triton attention when it runs on ``probe``'s device."""
+        self.use_triton = triton_supported(probe, self.shape.head_dim)
+        return self.use_triton

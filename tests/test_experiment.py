@@ -1,0 +1,71 @@
+"""The whole pipeline on CPU: every baseline with a real local Ray and Djinn server, results in moto S3, analysis."""
+import json
+
+import boto3
+import pytest
+
+from djinn.cli import main
+from djinn.runners.experiment import plan_tasks
+from djinn.spec import parse_spec
+
+
+def _docs(endpoint, bucket, prefix):
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+    return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def test_plan_orders_decode_reference_then_modes_then_agents():
+    spec = parse_spec({"baselines": ["djinn_agents", "full_djinn", "ray_keepalive"], "output": {"uri": "x"}})
+    assert [(t.experiment, t.baseline.value) for t in plan_tasks(spec)] == [
+        ("decode", "native_pytorch"), ("decode", "full_djinn"),
+        ("agent_scaling", "djinn_agents"), ("agent_scaling", "ray_keepalive")]
+
+
+def test_whole_experiment_to_s3_with_keepalive_oom(s3_endpoint, s3_bucket, tmp_path):
+    rc = main(["run", "--agent-counts", "1", "2", "4", "--new-tokens", "4", "--sleep-seconds", "0.2",
+               "--runs", "2", "--warmup-runs", "0", "--emulated-device-memory", "1Mi", "--stop-on-oom",
+               "--output-dir", f"s3://{s3_bucket}/exp", "--endpoint-url", s3_endpoint,
+               "--log-dir", str(tmp_path)])
+    assert rc == 0
+    files = _docs(s3_endpoint, s3_bucket, "exp/")
+    results = {k: json.loads(v) for k, v in files.items() if "/results/" in k}
+    by = {}
+    for key, doc in results.items():
+        by.setdefault((doc["baseline"], doc["experiment"], doc["n_agents"]), doc)
+    # decode: native reference + three modes; agents: 4 baselines x 3 N
+    assert len(results) == 16, sorted(results)
+    for mode in ("semantic_blind", "partially_aware", "full_djinn"):
+        assert by[(mode, "decode", None)]["runs"][0]["tokens"] == by[("native_pytorch", "decode", None)]["runs"][0]["tokens"]
+    bpt = {m: by[(m, "decode", None)]["aggregates"]["bytes_per_token"] for m in ("full_djinn", "partially_aware", "semantic_blind")}
+    assert bpt["full_djinn"] < bpt["partially_aware"] < bpt["semantic_blind"]
+
+    keepalive4 = by[("ray_keepalive", "agent_scaling", 4)]
+    assert keepalive4["oom"] is True and "emulated device out of memory" in keepalive4["error"]
+    assert by[("ray_keepalive", "agent_scaling", 2)]["oom"] is False
+    for baseline in ("native_pytorch", "ray_serverless", "djinn_agents"):
+        for n in (1, 2, 4):
+            doc = by[(baseline, "agent_scaling", n)]
+            assert not doc["oom"] and len(doc["steps"]) == 2 * n
+            assert doc["aggregates"]["p99_ms"] >= doc["aggregates"]["p50_ms"] > 0
+    reflect = [s for s in by[("djinn_agents", "agent_scaling", 4)]["steps"] if s["phase"] == "REFLECT"]
+    reason = [s for s in by[("djinn_agents", "agent_scaling", 4)]["steps"] if s["phase"] == "REASON"]
+    # Djinn's Reflect sends only the observation; the server already holds prompt + Reason tokens
+    assert all(s["input_tokens"] < 20 and s["kv_processed_len"] == 72 + 3 for s in reflect)
+    assert all(s["input_tokens"] == 72 for s in reason)
+    # serverless recomputes the whole history on every step
+    sl = [s for s in by[("ray_serverless", "agent_scaling", 2)]["steps"] if s["phase"] == "REFLECT"]
+    assert all(s["input_tokens"] > 72 + 4 for s in sl)
+
+    claims = json.loads(files["exp/analysis/claims.json"])
+    assert claims and any(name in files for name in ("exp/analysis/figure6.png",))
+    assert "exp/analysis/table2.md" in files
+
+
+def test_stop_on_oom_skips_larger_n(tmp_path):
+    out = tmp_path / "out"
+    rc = main(["agents", "--baseline", "ray_keepalive", "--agent-counts", "1", "4", "8", "--new-tokens", "2",
+               "--sleep-seconds", "0", "--emulated-device-memory", "1Mi", "--output-dir", str(out)])
+    assert rc == 0
+    docs = [json.loads(p.read_text()) for p in (out / "results" / "ray_keepalive").glob("*.json")]
+    assert sorted((d["n_agents"], d["oom"]) for d in docs) == [(1, False), (4, True)]
