@@ -38,6 +38,7 @@ _OVERRIDES: dict[str, tuple[str, dict]] = {
     "--runs": ("runs", {"type": int}),
     "--warmup-runs": ("warmupRuns", {"type": int}),
     "--gpu-per-actor": ("gpuPerActor", {"type": float}),
+    "--gpu-per-task": ("gpuPerTask", {"type": float}),
     "--emulated-device-memory": ("emulatedDeviceMemory", {"help": "keep-alive memory cap, e.g. 1Mi (CPU runs)"}),
     "--djinn-server": ("djinnServer", {"help": "host:port of a running server (default: start one locally)"}),
     "--ray-address": ("rayAddress", {"help": "existing Ray cluster (default: start a local Ray)"}),
@@ -183,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start a Djinn server (same flags as python -m djinn.server.server_main)")
     server_parser(serve)
     serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench-engine", help="engine latency vs the HBM floor and HF generate (GPU)")
+    from djinn.bench.engine_bench import add_arguments, main as bench_main
+
+    add_arguments(bench)
+    bench.set_defaults(func=bench_main)
 
     validate = sub.add_parser("validate", help="check an AgentScalingExperiment YAML")
     validate.add_argument("spec")

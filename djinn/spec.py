@@ -125,6 +125,8 @@ class ExperimentSpec(_Model):
     sleep_seconds: float = Field(10.0, ge=0, description="Act phase: seconds each agent sleeps")
     stop_on_oom: bool = True
     gpu_per_actor: float = Field(0.01, gt=0, le=1, description="Ray keep-alive: logical GPU per actor")
+    gpu_per_task: float = Field(1.0, gt=0, le=1, description="Ray serverless: logical GPU per step task "
+                                                              "(1: each cold function gets the GPU to itself)")
     emulated_device_memory: Optional[str] = Field(
         None, description="Keep-alive device memory cap (e.g. 1Mi) shared by all actors; for CPU runs")
     seed: int = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:
     import triton
@@ -19,6 +20,7 @@ except ImportError:  # CPU-only installs: the torch path serves
     triton = None
 
 
+@sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 def torch_pool_decode_attention(q, k_pool, v_pool, slots, lengths, scale: float, span: int):
     """Reference: gather the first ``span`` positions of each row's slot, mask past its length."""
     B = q.shape[0]

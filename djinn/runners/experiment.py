@@ -149,7 +149,7 @@ def _agent_backend(spec: ExperimentSpec, task: Task, res: Resources):
     ref = ModelRef(spec.model_id, spec.weights, spec.dtype, spec.device, spec.seed)
     if task.baseline == Baseline.ray_keepalive:
         return ray_backends.RayKeepAliveBackend(ref, spec.gpu_per_actor, spec.emulated_device_bytes)
-    return ray_backends.RayServerlessBackend(ref, spec.gpu_per_actor)
+    return ray_backends.RayServerlessBackend(ref, spec.gpu_per_task)
 
 
 def _run_agents(spec: ExperimentSpec, task: Task, res: Resources, work) -> list[str]:

@@ -1,0 +1,1 @@
+"""Kubernetes operator (kopf) for the ``AgentScalingExperiment`` custom resource."""

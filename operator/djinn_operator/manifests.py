@@ -1,0 +1,184 @@
+"""Pure builders of the experiment's children: Djinn server Deployment + Service, RayCluster, Jobs."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Optional
+
+from djinn.spec import DECODE_MODES, RAY_BASELINES, Baseline, ExperimentSpec
+
+from . import names, raycluster
+
+CONTROL_PORT, DATA_PORT = 5555, 5556
+GPU = "nvidia.com/gpu"
+DJINN_FAMILY = (Baseline.djinn_agents, *DECODE_MODES)
+
+
+def family(baseline: str) -> str:
+    """Which GPU holder a baseline needs: ``native`` (its own Job), ``ray`` or ``djinn``."""
+    b = Baseline(baseline)
+    return "ray" if b in RAY_BASELINES else "djinn" if b in DJINN_FAMILY else "native"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One custom resource and its validated spec: everything the builders need."""
+
+    name: str
+    namespace: str
+    spec: ExperimentSpec
+
+    @property
+    def results_uri(self) -> str:
+        return f"{self.spec.output.uri.rstrip('/')}/{self.namespace}/{self.name}"
+
+    def _uses(self, fam: str) -> bool:
+        return any(family(b.value) == fam for b in self.spec.baselines)
+
+    @cached_property
+    def server_name(self) -> Optional[str]:
+        """Our Djinn server (Deployment and Service); None when not needed or ``djinnServer`` is given."""
+        return names.server(self.name) if self._uses("djinn") and not self.spec.djinn_server else None
+
+    @cached_property
+    def ray_name(self) -> Optional[str]:
+        """Our RayCluster; None when not needed or ``rayAddress`` is given."""
+        return names.ray(self.name) if self._uses("ray") and not self.spec.ray_address else None
+
+    @property
+    def djinn_address(self) -> str:
+        return self.spec.djinn_server or f"{self.server_name}.{self.namespace}.svc:{DATA_PORT}"
+
+    @property
+    def ray_address(self) -> str:
+        return self.spec.ray_address or raycluster.client_address(self.ray_name, self.namespace)
+
+    def spec_json(self) -> str:
+        return json.dumps(self.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+                          separators=(",", ":"), sort_keys=True)
+
+
+def _meta(exp: Experiment, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {"name": name, "namespace": exp.namespace, "labels": labels}
+
+
+def _resources(exp: Experiment, gpu: bool, memory: Optional[str] = None) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    if memory:
+        res["requests"] = {"memory": memory}
+    if gpu and exp.spec.cluster.gpu:
+        res["limits"] = {GPU: 1}
+    return res
+
+
+def _pod(exp: Experiment, containers: list[dict], gpu: bool, **extra: Any) -> dict[str, Any]:
+    """Pod spec; the node selector only pins GPU holders, tolerations apply to every pod."""
+    c = exp.spec.cluster
+    pod: dict[str, Any] = {"containers": containers, **extra}
+    if gpu and c.node_selector:
+        pod["nodeSelector"] = dict(c.node_selector)
+    if c.tolerations:
+        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in c.tolerations]
+    return pod
+
+
+def server_labels(exp: Experiment) -> dict[str, str]:
+    return names.labels(exp.name, "server")
+
+
+def server_command(spec: ExperimentSpec) -> list[str]:
+    gpu = spec.cluster.gpu
+    return ["python", "-m", "djinn.server.server_main", "--device", "cuda" if gpu else "cpu",
+            *(["--gpu", "0"] if gpu else []), "--host", "0.0.0.0", "--port", str(DATA_PORT),
+            "--control-port", str(CONTROL_PORT), "--max-concurrent", "64", "--max-vram-gb", "80",
+            "--model-id", spec.model_id, "--weights", spec.weights, "--dtype", spec.dtype]
+
+
+def server_deployment(exp: Experiment) -> dict[str, Any]:
+    """One replica, Recreate (never two pods on one GPU); progressDeadlineSeconds bounds provisioning."""
+    c, labels = exp.spec.cluster, server_labels(exp)
+    container = {
+        "name": "djinn-server", "image": c.server_image or c.image, "imagePullPolicy": c.image_pull_policy,
+        "command": server_command(exp.spec),
+        "ports": [{"name": "control", "containerPort": CONTROL_PORT},
+                  {"name": "data", "containerPort": DATA_PORT}],
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": CONTROL_PORT}, "periodSeconds": 5},
+        "resources": _resources(exp, gpu=True, memory=c.server_memory),
+    }
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(exp, exp.server_name, labels),
+            "spec": {"replicas": 1, "strategy": {"type": "Recreate"},
+                     "progressDeadlineSeconds": c.active_deadline_seconds,
+                     "selector": {"matchLabels": labels},
+                     "template": {"metadata": {"labels": labels},
+                                  "spec": _pod(exp, [container], gpu=True)}}}
+
+
+def server_service(exp: Experiment) -> dict[str, Any]:
+    labels = server_labels(exp)
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(exp, exp.server_name, labels),
+            "spec": {"selector": labels, "ports": [
+                {"name": "control", "port": CONTROL_PORT, "targetPort": CONTROL_PORT},
+                {"name": "data", "port": DATA_PORT, "targetPort": DATA_PORT}]}}
+
+
+def ray_cluster(exp: Experiment) -> dict[str, Any]:
+    c, labels = exp.spec.cluster, names.labels(exp.name, "ray")
+    params = {"dashboard-host": "0.0.0.0", **({"num-gpus": "1"} if c.gpu else {})}
+    head = {"name": "ray-head", "image": c.ray_image or c.image, "imagePullPolicy": c.image_pull_policy,
+            "ports": [{"name": "gcs", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
+                      {"name": "client", "containerPort": raycluster.CLIENT_PORT}],
+            "resources": _resources(exp, gpu=True, memory=c.server_memory)}
+    return raycluster.RayCluster(
+        metadata=_meta(exp, exp.ray_name, labels),
+        spec=raycluster.RayClusterSpec(head_group_spec=raycluster.HeadGroupSpec(
+            ray_start_params=params,
+            template={"metadata": {"labels": labels}, "spec": _pod(exp, [head], gpu=True)})),
+    ).to_dict()
+
+
+def _job(exp: Experiment, name: str, labels: dict[str, str], command: list[str], gpu: bool) -> dict[str, Any]:
+    c, out = exp.spec.cluster, exp.spec.output
+    env = ([{"name": "AWS_ENDPOINT_URL_S3", "value": out.endpoint_url}] if out.endpoint_url else []) + \
+          ([{"name": "AWS_REGION", "value": out.region}] if out.region else [])
+    container: dict[str, Any] = {
+        "name": "djinn-bench", "image": c.image, "imagePullPolicy": c.image_pull_policy, "command": command,
+        "resources": _resources(exp, gpu, c.server_memory if gpu else None)}
+    if env:
+        container["env"] = env
+    if c.credentials_secret:
+        container["envFrom"] = [{"secretRef": {"name": c.credentials_secret}}]
+    extra: dict[str, Any] = {"restartPolicy": "Never"}
+    if c.service_account_name:
+        extra["serviceAccountName"] = c.service_account_name
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(exp, name, labels),
+            "spec": {"backoffLimit": c.backoff_limit, "activeDeadlineSeconds": c.active_deadline_seconds,
+                     "template": {"metadata": {"labels": labels}, "spec": _pod(exp, [container], gpu, **extra)}}}
+
+
+def _endpoint(exp: Experiment) -> list[str]:
+    url = exp.spec.output.endpoint_url
+    return ["--endpoint-url", url] if url else []
+
+
+def run_command(exp: Experiment, baseline: str, n: Optional[int]) -> list[str]:
+    """The same CLI as the local path, for one (baseline, N) or one decode mode."""
+    fam = family(baseline)
+    return ["djinn-bench", "run", "--spec-json", exp.spec_json(), "--baselines", baseline,
+            *(["--agent-counts", str(n)] if n is not None else []), "--output-dir", exp.results_uri,
+            *_endpoint(exp), *(["--djinn-server", exp.djinn_address] if fam == "djinn" else []),
+            *(["--ray-address", exp.ray_address] if fam == "ray" else []), "--no-analyze"]
+
+
+def run_job(exp: Experiment, baseline: str, n: Optional[int]) -> dict[str, Any]:
+    """Client Job of one run; native_pytorch holds the GPU itself."""
+    extra = {"djinn.io/baseline": baseline, **({"djinn.io/agents": str(n)} if n is not None else {})}
+    return _job(exp, names.run_job(exp.name, baseline, n), names.labels(exp.name, "run", **extra),
+                run_command(exp, baseline, n), gpu=family(baseline) == "native")
+
+
+def analysis_job(exp: Experiment) -> dict[str, Any]:
+    """Figure 6, Table 2 and claims.json from every result document of the experiment."""
+    uri = exp.results_uri
+    return _job(exp, names.analysis_job(exp.name), names.labels(exp.name, "analysis"),
+                ["djinn-bench", "analyze", "--input", uri, "--output", uri, *_endpoint(exp)], gpu=False)

@@ -1,0 +1,275 @@
+"""The experiment's state machine as pure functions: (spec, status, observed children) -> (status, actions).
+
+Status is the only memory: child names are recorded in it before the child is created, so
+a retry or a restarted operator finds (or re-creates under the same name) what it started.
+Runs go one at a time in family order native -> ray -> djinn; with ``gpuPlacement: phased``
+only the current family's GPU holder exists (the RayCluster is suspended and the Djinn
+server deleted when their phase ends), with ``separate`` both live until their runs finish.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from typing import Any, Optional, Union
+
+from djinn.spec import DECODE_MODES, KIND, Baseline, ExperimentSpec, SpecError, parse_spec
+
+from . import manifests, names, raycluster
+from .manifests import Experiment, family
+from .status import Analysis, Children, Current, Run, Status, set_condition
+
+DONE: frozenset[str] = frozenset({"Succeeded", "Failed", "OOM", "Skipped"})
+FINISHED: frozenset[str] = frozenset({"Succeeded", "Failed"})
+FAMILY_ORDER = ("native", "ray", "djinn")
+
+
+@dataclass(frozen=True)
+class Result:
+    """A result document found for a finished run."""
+
+    key: str
+    oom: bool
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the reconciler read from the cluster and S3 for this step (None: absent)."""
+
+    job: Optional[dict] = None           # Job of the Running run
+    result: Optional[Result] = None      # its result document, looked up once the Job succeeded
+    server: Optional[dict] = None        # Djinn server Deployment
+    ray: Optional[dict] = None           # RayCluster
+    analysis: Optional[dict] = None      # analysis Job
+
+
+@dataclass(frozen=True)
+class Create:
+    obj: dict
+
+
+@dataclass(frozen=True)
+class Delete:
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Suspend:
+    name: str
+    suspend: bool
+
+
+Action = Union[Create, Delete, Suspend]
+
+
+def spec_hash(raw: Any) -> str:
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def validate(raw: Any) -> ExperimentSpec:
+    """parse_spec plus what only the operator needs; SpecError carries one line."""
+    spec = parse_spec(raw)
+    if not spec.output.is_s3:
+        raise SpecError("spec.output.uri: the operator needs s3://bucket/prefix (a local path would stay in the pod)")
+    return spec
+
+
+def plan_runs(name: str, spec: ExperimentSpec) -> list[Run]:
+    """Every run in execution order: families native, ray, djinn; baselines in spec order; N ascending."""
+    runs = []
+    for fam in FAMILY_ORDER:
+        for b in (b.value for b in spec.baselines if family(b.value) == fam):
+            counts: list[Optional[int]] = [None] if Baseline(b) in DECODE_MODES else list(spec.agent_counts)
+            runs += [Run(baseline=b, n=n, job=names.run_job(name, b, n)) for n in counts]
+    return runs
+
+
+def current(st: Status) -> Optional[int]:
+    return next((i for i, r in enumerate(st.runs) if r.state not in DONE), None)
+
+
+def fail(st: Status, reason: str, message: str, now: str) -> None:
+    st.phase = "Failed"
+    set_condition(st, "Failed", "True", reason, message, now)
+
+
+def prepare(exp_name: str, namespace: str, raw: Any, status: dict, now: str
+            ) -> tuple[Status, Optional[Experiment]]:
+    """Plan on first sight (or after an invalid spec was fixed); afterwards keep the planned spec.
+
+    A spec edited after planning is refused: condition SpecUpdateRefused, the plan continues.
+    """
+    st, h = Status.model_validate(status or {}), spec_hash(raw)
+    if st.planned_spec is None:
+        if st.phase == "Failed" and st.spec_hash == h:
+            return st, None
+        try:
+            spec = validate(raw)
+        except SpecError as exc:
+            st = Status(phase="Failed", spec_hash=h)
+            set_condition(st, "Valid", "False", "InvalidSpec", str(exc), now)
+            fail(st, "InvalidSpec", str(exc), now)
+            return st, None
+        exp = Experiment(exp_name, namespace, spec)
+        st = Status(spec_hash=h, planned_spec=exp.spec_json(), results_uri=exp.results_uri,
+                    runs=plan_runs(exp_name, spec), analysis=Analysis(job=names.analysis_job(exp_name)),
+                    children=Children(server=exp.server_name, ray=exp.ray_name))
+        set_condition(st, "Valid", "True", "SpecValid", "", now)
+        return st, exp
+    exp = Experiment(exp_name, namespace, ExperimentSpec.model_validate_json(st.planned_spec))
+    if h != st.spec_hash:
+        set_condition(st, "SpecUpdateRefused", "True", "PlanInProgress" if st.phase not in FINISHED else "Finished",
+                      f"spec changed after planning; the {KIND} keeps its planned spec (status.plannedSpec); "
+                      "create a new one to run the new spec", now)
+    else:
+        st.conditions = [c for c in st.conditions if c.type != "SpecUpdateRefused"]
+    return st, exp
+
+
+def job_outcome(job: Optional[dict]) -> tuple[str, str]:
+    """(Missing|Running|Succeeded|Failed, reason) from a Job's terminal conditions."""
+    if job is None:
+        return "Missing", ""
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c.get("status") == "True" and c.get("type") in ("Complete", "Failed"):
+            if c["type"] == "Complete":
+                return "Succeeded", ""
+            return "Failed", ": ".join(x for x in (c.get("reason") or "Failed", c.get("message")) if x)
+    return "Running", ""
+
+
+def server_state(dep: Optional[dict]) -> str:
+    """Absent|Ready|Stuck|Starting; Stuck once the Deployment's progress deadline passed."""
+    if dep is None:
+        return "Absent"
+    status = dep.get("status") or {}
+    if (status.get("readyReplicas") or 0) >= 1:
+        return "Ready"
+    for c in status.get("conditions") or []:
+        if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded":
+            return "Stuck"
+    return "Starting"
+
+
+def desired_infra(exp: Experiment, st: Status) -> tuple[bool, bool]:
+    """(server wanted, Ray wanted) for the runs still to go."""
+    if st.phase in ("Analyzing", *FINISHED):
+        return False, False
+    left = [family(r.baseline) for r in st.runs if r.state not in DONE]
+    fams = set(left[:1] if exp.spec.cluster.gpu_placement == "phased" else left)
+    return "djinn" in fams, "ray" in fams
+
+
+def infra_actions(exp: Experiment, st: Status, obs: Observed) -> list[Action]:
+    """Releases first (a GPU holder must go before the next one starts), then creations."""
+    want_server, want_ray = desired_infra(exp, st)
+    release: list[Action] = []
+    create: list[Action] = []
+    if exp.ray_name:
+        if want_ray and obs.ray is None:
+            create.append(Create(manifests.ray_cluster(exp)))
+        elif obs.ray is not None and raycluster.is_suspended(obs.ray) == want_ray:
+            (create if want_ray else release).append(Suspend(exp.ray_name, not want_ray))
+    if exp.server_name:
+        if want_server and obs.server is None:
+            create += [Create(manifests.server_service(exp)), Create(manifests.server_deployment(exp))]
+        elif not want_server and obs.server is not None:
+            release.append(Delete("Deployment", exp.server_name))
+    return release + create
+
+
+def _infra_ready(exp: Experiment, fam: str, obs: Observed, st: Status, now: str) -> bool:
+    if fam == "ray" and exp.ray_name:
+        return raycluster.is_ready(obs.ray)
+    if fam == "djinn" and exp.server_name:
+        state = server_state(obs.server)
+        if state == "Stuck":
+            fail(st, "ServerNotReady", f"Djinn server {exp.server_name} did not become ready "
+                 "(ProgressDeadlineExceeded)", now)
+        return state == "Ready"
+    return True
+
+
+def _finish_run(exp: Experiment, st: Status, run: Run, obs: Observed, now: str) -> bool:
+    """Fold the Running run's Job into the status; False while it is still going."""
+    outcome, reason = job_outcome(obs.job)
+    if outcome in ("Missing", "Running"):
+        return False
+    if outcome == "Failed":
+        run.state, run.reason = "Failed", reason.split(":")[0]
+        fail(st, "RunFailed", f"{run.label} (job {run.job}) failed: {reason}", now)
+    elif obs.result is None:
+        run.state, run.reason = "Failed", "ResultMissing"
+        fail(st, "ResultMissing", f"{run.label}: job {run.job} succeeded but wrote no valid result "
+             f"under {st.results_uri}/results/{run.baseline}/", now)
+    else:
+        run.result_key = obs.result.key
+        run.state = "OOM" if obs.result.oom else "Succeeded"
+        if obs.result.oom and exp.spec.stop_on_oom:
+            for r in st.runs:
+                if r.baseline == run.baseline and r.state == "Pending" and (r.n or 0) > (run.n or 0):
+                    r.state, r.reason = "Skipped", f"stopOnOom: OOM at n={run.n}"
+    return True
+
+
+def _advance_runs(exp: Experiment, st: Status, obs: Observed, now: str) -> list[Action]:
+    while (i := current(st)) is not None:
+        run = st.runs[i]
+        if run.state == "Running":
+            if not _finish_run(exp, st, run, obs, now):
+                st.phase = "Running"
+                return [Create(manifests.run_job(exp, run.baseline, run.n))] if obs.job is None else []
+            if st.phase == "Failed":
+                return []
+            obs = replace(obs, job=None, result=None)
+            continue
+        if not _infra_ready(exp, family(run.baseline), obs, st, now):
+            if st.phase != "Failed":
+                st.phase = "Provisioning"
+            return []
+        run.state, run.started_at, st.phase = "Running", now, "Running"
+        return [Create(manifests.run_job(exp, run.baseline, run.n))]
+    return _advance_analysis(exp, st, obs, now)
+
+
+def _advance_analysis(exp: Experiment, st: Status, obs: Observed, now: str) -> list[Action]:
+    a = st.analysis
+    assert a is not None
+    st.phase = "Analyzing"
+    if a.state == "Pending":
+        a.state = "Running"
+        return [Create(manifests.analysis_job(exp))]
+    outcome, reason = job_outcome(obs.analysis)
+    if outcome == "Missing":
+        return [Create(manifests.analysis_job(exp))]
+    if outcome == "Succeeded":
+        a.state, st.phase = "Succeeded", "Succeeded"
+    elif outcome == "Failed":
+        a.state, a.reason = "Failed", reason.split(":")[0]
+        fail(st, "AnalysisFailed", f"analysis job {a.job} failed: {reason}", now)
+    return []
+
+
+def _summarize(st: Status, now: str) -> None:
+    done = sum(r.state in DONE for r in st.runs)
+    st.progress = f"{done}/{len(st.runs)}"
+    i = current(st)
+    live = st.phase not in FINISHED and i is not None
+    st.current = Current(baseline=st.runs[i].baseline, n=st.runs[i].n) if live else None
+    if st.phase in FINISHED:
+        set_condition(st, "Progressing", "False", st.phase, "", now)
+    else:
+        what = f"{st.runs[i].label} (job {st.runs[i].job})" if live else "analysis"
+        set_condition(st, "Progressing", "True", st.phase, f"{st.phase}: {what}", now)
+    if st.phase == "Succeeded":
+        set_condition(st, "Complete", "True", "Succeeded", f"results and analysis under {st.results_uri}", now)
+
+
+def advance(exp: Experiment, st: Status, obs: Observed, now: str) -> tuple[Status, list[Action]]:
+    """One reconcile step: new status (to store first) and the actions to apply after it."""
+    st = st.model_copy(deep=True)
+    actions = [] if st.phase in FINISHED else _advance_runs(exp, st, obs, now)
+    actions = infra_actions(exp, st, obs) + actions
+    _summarize(st, now)
+    return st, actions

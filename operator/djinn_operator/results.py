@@ -1,0 +1,43 @@
+"""Find the result document a finished run wrote under the experiment's results URI (S3)."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Optional
+
+from pydantic import ValidationError
+
+from djinn.results import ResultDocument
+from djinn.spec import OutputSpec
+from djinn.storage import open_store
+
+from .plan import Result
+from .status import Run
+
+STAMP = "%Y%m%dT%H%M%S%fZ"  # djinn.results.timestamp(): 22 characters, then "-<hex>"
+CLOCK_SLACK = timedelta(seconds=60)
+
+
+def pick_key(keys: list[str], run: Run) -> Optional[str]:
+    """Newest ``results/<baseline>/<stamp>[_n<N>].json`` of this run, not older than its start."""
+    suffix = f"_n{run.n}.json" if run.n is not None else ".json"
+    since = ""
+    if run.started_at:
+        since = (datetime.fromisoformat(run.started_at.replace("Z", "+00:00")) - CLOCK_SLACK).strftime(STAMP)
+    ok = [k for k in keys
+          if k.startswith(f"results/{run.baseline}/") and k.endswith(suffix)
+          and (run.n is not None or "_n" not in k.rsplit("/", 1)[1])
+          and k.rsplit("/", 1)[1][:len(since)] >= since]
+    return max(ok, key=lambda k: k.rsplit("/", 1)[1], default=None)
+
+
+def find(results_uri: str, output: OutputSpec, run: Run) -> Optional[Result]:
+    """Blocking (boto3): call it in a thread. None when the run left no valid document."""
+    store = open_store(results_uri, output.endpoint_url, output.region)
+    key = pick_key(store.list(f"results/{run.baseline}/"), run)
+    if key is None:
+        return None
+    try:
+        doc = ResultDocument.model_validate_json(store.get_bytes(key))
+    except ValidationError:
+        return None
+    return Result(key=key, oom=doc.oom)

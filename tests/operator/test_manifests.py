@@ -1,0 +1,123 @@
+"""Child manifests: names, server, RayCluster, Jobs (pure, no server)."""
+import json
+
+import kubernetes_validate
+import pytest
+
+from djinn.spec import Baseline, ExperimentSpec, parse_spec
+from djinn_operator import manifests, names, raycluster
+
+K8S = "1.30"
+
+
+def exp(**kw) -> manifests.Experiment:
+    spec = {"baselines": [b.value for b in Baseline], "agentCounts": [1, 2],
+            "output": {"uri": "s3://bkt/pre", "endpointUrl": "http://minio:9000", "region": "eu-west-1"}, **kw}
+    return manifests.Experiment("exp1", "lab", parse_spec(spec))
+
+
+def container(obj: dict) -> dict:
+    return obj["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("parts,limit", [(("exp1", "djinn-server"), 63), (("a" * 80, "ray"), 47),
+                                         (("My.Exp", "analysis"), 63), (("9lives", "x"), 63)])
+def test_names_are_dns_1035_and_bounded(parts, limit):
+    name = names.dns_name(*parts, limit=limit)
+    assert len(name) <= limit and name[0].isalpha() and name[-1].isalnum()
+    assert set(name) <= set("abcdefghijklmnopqrstuvwxyz0123456789-")
+    assert names.dns_name(*parts, limit=limit) == name  # deterministic
+
+
+def test_names_keep_short_names_and_hash_long_ones_apart():
+    assert names.run_job("exp1", "ray_keepalive", 4) == "exp1-ray-keepalive-n4"
+    assert names.run_job("exp1", "full_djinn", None) == "exp1-full-djinn"
+    long_a, long_b = "x" * 70 + "a", "x" * 70 + "b"
+    assert names.server(long_a) != names.server(long_b)
+    assert len(names.ray(long_a)) <= names.RAY_NAME_MAX
+    assert len(names.labels(long_a, "run")[names.EXPERIMENT_LABEL]) <= 63
+
+
+def test_server_deployment_runs_the_server_on_the_gpu():
+    e = exp(cluster={"serverImage": "srv:1", "nodeSelector": {"gpu": "a100"},
+                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+            modelId="meta-llama/Llama-2-7b-hf", weights="pretrained", dtype="float16")
+    dep = manifests.server_deployment(e)
+    c = container(dep)
+    assert c["command"] == ["python", "-m", "djinn.server.server_main", "--device", "cuda", "--gpu", "0",
+                            "--host", "0.0.0.0", "--port", "5556", "--control-port", "5555",
+                            "--max-concurrent", "64", "--max-vram-gb", "80", "--model-id",
+                            "meta-llama/Llama-2-7b-hf", "--weights", "pretrained", "--dtype", "float16"]
+    assert c["image"] == "srv:1" and c["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 5555}
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"gpu": "a100"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert dep["spec"]["selector"]["matchLabels"] == dep["spec"]["template"]["metadata"]["labels"]
+    svc = manifests.server_service(e)
+    assert {p["port"] for p in svc["spec"]["ports"]} == {5555, 5556}
+    assert svc["metadata"]["name"] == dep["metadata"]["name"] == "exp1-djinn-server"
+    for obj in (dep, svc):
+        kubernetes_validate.validate(obj, K8S, strict=True)
+
+
+def test_cpu_server_has_no_gpu():
+    c = container(manifests.server_deployment(exp(cluster={"gpu": False})))
+    assert c["command"][3:5] == ["--device", "cpu"] and "--gpu" not in c["command"]
+    assert "limits" not in c["resources"] and c["image"] == ExperimentSpec().cluster.image
+
+
+def test_ray_cluster_head_holds_the_gpu():
+    rc = manifests.ray_cluster(exp(cluster={"rayImage": "rayproject/ray:2.40.0-gpu"}))
+    assert (rc["apiVersion"], rc["kind"], rc["metadata"]["name"]) == ("ray.io/v1", "RayCluster", "exp1-ray")
+    head = rc["spec"]["headGroupSpec"]
+    assert head["rayStartParams"] == {"dashboard-host": "0.0.0.0", "num-gpus": "1"}
+    assert head["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert head["template"]["spec"]["containers"][0]["image"] == "rayproject/ray:2.40.0-gpu"
+    assert rc["spec"]["suspend"] is False and "workerGroupSpecs" not in rc["spec"]
+    cpu = manifests.ray_cluster(exp(cluster={"gpu": False}))["spec"]["headGroupSpec"]
+    assert "num-gpus" not in cpu["rayStartParams"]
+    assert raycluster.client_address("exp1-ray", "lab") == "ray://exp1-ray-head-svc.lab.svc:10001"
+
+
+def test_run_jobs_call_the_cli_with_the_right_endpoints():
+    e = exp(cluster={"credentialsSecret": "s3-creds", "serviceAccountName": "irsa", "backoffLimit": 2,
+                     "activeDeadlineSeconds": 600})
+    uri = "s3://bkt/pre/lab/exp1"
+    ray = manifests.run_job(e, "ray_keepalive", 2)
+    cmd = container(ray)["command"]
+    assert cmd[:3] == ["djinn-bench", "run", "--spec-json"]
+    assert parse_spec(json.loads(cmd[3])) == e.spec  # the planned spec, camelCase
+    assert cmd[4:] == ["--baselines", "ray_keepalive", "--agent-counts", "2", "--output-dir", uri,
+                       "--endpoint-url", "http://minio:9000",
+                       "--ray-address", "ray://exp1-ray-head-svc.lab.svc:10001", "--no-analyze"]
+    djinn = container(manifests.run_job(e, "djinn_agents", 1))["command"]
+    assert djinn[djinn.index("--djinn-server") + 1] == "exp1-djinn-server.lab.svc:5556"
+    decode = container(manifests.run_job(e, "full_djinn", None))["command"]
+    assert "--agent-counts" not in decode and "--djinn-server" in decode
+    spec = ray["spec"]
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"]) == (2, 600)
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == "irsa"
+    c = pod["containers"][0]
+    assert {"name": "AWS_ENDPOINT_URL_S3", "value": "http://minio:9000"} in c["env"]
+    assert {"name": "AWS_REGION", "value": "eu-west-1"} in c["env"]
+    assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    assert "limits" not in c["resources"] and "nodeSelector" not in pod
+    assert ray["metadata"]["labels"][names.EXPERIMENT_LABEL] == "exp1"
+    native = container(manifests.run_job(e, "native_pytorch", 1))
+    assert native["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert "--djinn-server" not in native["command"] and "--ray-address" not in native["command"]
+    analysis = manifests.analysis_job(e)
+    assert container(analysis)["command"] == ["djinn-bench", "analyze", "--input", uri, "--output", uri,
+                                              "--endpoint-url", "http://minio:9000"]
+    for obj in (ray, analysis):
+        kubernetes_validate.validate(obj, K8S, strict=True)
+
+
+def test_external_server_and_ray_are_used_not_created():
+    e = exp(djinnServer="10.0.0.5:5556", rayAddress="ray://head:10001")
+    assert e.server_name is None and e.ray_name is None
+    assert "10.0.0.5:5556" in container(manifests.run_job(e, "djinn_agents", 1))["command"]
+    assert "ray://head:10001" in container(manifests.run_job(e, "ray_serverless", 1))["command"]
+    assert exp(baselines=["native_pytorch"]).server_name is None

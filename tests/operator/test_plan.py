@@ -1,0 +1,236 @@
+"""The state machine, driven by an in-memory cluster (pure: no server, no S3)."""
+from typing import Optional
+
+import pytest
+
+from djinn.spec import KIND
+from djinn_operator import plan, raycluster
+from djinn_operator.status import Run, Status, set_condition
+from djinn_operator.results import pick_key
+
+NOW = "2026-11-22T10:00:00Z"
+OUT = {"uri": "s3://bkt/pre"}
+FAILED_JOB = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+              "message": "Job has reached the specified backoff limit"}
+
+
+class Sim:
+    """Reconciles like reconcile.py against a dict of objects; plays kubelet with per-job outcomes."""
+
+    def __init__(self, spec: dict, outcomes: Optional[dict] = None):
+        self.spec, self.outcomes, self.status = spec, outcomes or {}, {}
+        self.objs: dict[tuple[str, str], dict] = {}
+        self.log: list[tuple[str, str]] = []
+
+    def observe(self, exp, st) -> plan.Observed:
+        job = result = analysis = None
+        i = plan.current(st)
+        if i is not None and st.runs[i].state == "Running":
+            run = st.runs[i]
+            job = self.objs.get(("Job", run.job))
+            outcome = self.outcomes.get(run.job, "ok")
+            if plan.job_outcome(job)[0] == "Succeeded" and outcome in ("ok", "oom"):
+                result = plan.Result(key=f"results/{run.baseline}/20261122T100000000000Z-abc_n{run.n}.json",
+                                     oom=outcome == "oom")
+        if st.analysis and st.analysis.state == "Running":
+            analysis = self.objs.get(("Job", st.analysis.job))
+        return plan.Observed(job=job, result=result, analysis=analysis,
+                             server=self.objs.get(("Deployment", exp.server_name)),
+                             ray=self.objs.get(("RayCluster", exp.ray_name)))
+
+    def reconcile(self) -> list[plan.Action]:
+        st, exp = plan.prepare("exp1", "lab", self.spec, self.status, NOW)
+        actions = []
+        if exp is not None:
+            st, actions = plan.advance(exp, st, self.observe(exp, st), NOW)
+        self.status = {k: v for k, v in st.to_dict().items() if v is not None}
+        for a in actions:
+            if isinstance(a, plan.Create):
+                key = (a.obj["kind"], a.obj["metadata"]["name"])
+                assert key not in self.objs, f"second create of {key}"
+                self.objs[key] = a.obj
+                self.log.append(("create", f"{key[0]}/{key[1]}"))
+            elif isinstance(a, plan.Delete):
+                del self.objs[(a.kind, a.name)]
+                self.log.append(("delete", f"{a.kind}/{a.name}"))
+            else:
+                self.objs[("RayCluster", a.name)]["spec"]["suspend"] = a.suspend
+                self.log.append(("suspend" if a.suspend else "resume", a.name))
+        return actions
+
+    def kubelet(self) -> None:
+        running = [n for (kind, n), o in self.objs.items() if kind == "Job" and not o.get("status")]
+        assert len(running) <= 1, f"more than one Job at a time: {running}"
+        for (kind, name), obj in self.objs.items():
+            if kind == "Job" and not obj.get("status") and self.outcomes.get(name) != "hold":
+                failed = self.outcomes.get(name) == "fail"
+                obj["status"] = {"conditions": [FAILED_JOB if failed else {"type": "Complete", "status": "True"}]}
+                self.log.append(("done", name))
+            elif kind == "Deployment":
+                obj["status"] = {"readyReplicas": 1}
+            elif kind == "RayCluster":
+                obj["status"] = {"state": "suspended" if obj["spec"]["suspend"] else "ready"}
+
+    def run(self, steps: int = 100) -> dict:
+        for _ in range(steps):
+            self.reconcile()
+            if self.status["phase"] in plan.FINISHED:
+                self.reconcile()  # releases what is left
+                return self.status
+            self.kubelet()
+        raise AssertionError(f"no end after {steps} steps: {self.status}")
+
+    def jobs(self) -> list[str]:
+        return [n.split("/", 1)[1] for v, n in self.log if v == "create" and n.startswith("Job/")]
+
+
+def spec(**kw) -> dict:
+    return {"baselines": ["native_pytorch", "ray_keepalive", "djinn_agents", "full_djinn"],
+            "agentCounts": [1, 2, 4], "output": OUT, **kw}
+
+
+def test_runs_are_planned_by_family_then_spec_order_then_n():
+    st, _ = plan.prepare("exp1", "lab", spec(baselines=["full_djinn", "ray_serverless", "djinn_agents",
+                                                         "native_pytorch", "ray_keepalive"], agentCounts=[4, 1]),
+                         {}, NOW)
+    assert [(r.baseline, r.n) for r in st.runs] == [
+        ("native_pytorch", 1), ("native_pytorch", 4), ("ray_serverless", 1), ("ray_serverless", 4),
+        ("ray_keepalive", 1), ("ray_keepalive", 4), ("full_djinn", None), ("djinn_agents", 1), ("djinn_agents", 4)]
+    assert st.results_uri == "s3://bkt/pre/lab/exp1" and st.phase == "Pending"
+    assert st.children.server == "exp1-djinn-server" and st.children.ray == "exp1-ray"
+
+
+def test_phased_experiment_one_job_at_a_time_with_oom_skip_and_analysis():
+    sim = Sim(spec(), outcomes={"exp1-ray-keepalive-n2": "oom"})
+    status = sim.run()
+    assert status["phase"] == "Succeeded" and status["progress"] == "10/10"
+    assert sim.jobs() == ["exp1-native-pytorch-n1", "exp1-native-pytorch-n2", "exp1-native-pytorch-n4",
+                          "exp1-ray-keepalive-n1", "exp1-ray-keepalive-n2",
+                          "exp1-djinn-agents-n1", "exp1-djinn-agents-n2", "exp1-djinn-agents-n4",
+                          "exp1-full-djinn", "exp1-analysis"]
+    states = {r["job"]: (r["state"], r.get("reason")) for r in status["runs"]}
+    assert states["exp1-ray-keepalive-n2"] == ("OOM", None)
+    assert states["exp1-ray-keepalive-n4"] == ("Skipped", "stopOnOom: OOM at n=2")
+    assert all(r.get("resultKey", "").startswith(f"results/{r['baseline']}/") for r in status["runs"]
+               if r["state"] in ("Succeeded", "OOM"))
+    log = sim.log
+    # GPU holders never overlap: Ray only after the native jobs, suspended before the server starts
+    assert log.index(("create", "RayCluster/exp1-ray")) > log.index(("done", "exp1-native-pytorch-n4"))
+    assert log.index(("suspend", "exp1-ray")) < log.index(("create", "Deployment/exp1-djinn-server"))
+    assert log.index(("delete", "Deployment/exp1-djinn-server")) < log.index(("create", "Job/exp1-analysis"))
+    assert status["analysis"]["state"] == "Succeeded" and "current" not in status
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert conds["Complete"]["status"] == "True" and conds["Progressing"]["status"] == "False"
+
+
+def test_separate_placement_starts_both_holders_up_front():
+    sim = Sim(spec(baselines=["ray_serverless", "djinn_agents"], agentCounts=[1],
+                   cluster={"gpuPlacement": "separate"}))
+    acts = sim.reconcile()
+    kinds = [a.obj["kind"] for a in acts if isinstance(a, plan.Create)]
+    assert kinds == ["RayCluster", "Service", "Deployment"] and sim.status["phase"] == "Provisioning"
+    assert sim.run()["phase"] == "Succeeded"
+    assert raycluster.is_suspended(sim.objs[("RayCluster", "exp1-ray")])
+    assert ("Deployment", "exp1-djinn-server") not in sim.objs
+
+
+def test_failed_job_fails_the_experiment_and_releases_the_gpu():
+    sim = Sim(spec(baselines=["djinn_agents"]), outcomes={"exp1-djinn-agents-n2": "fail"})
+    status = sim.run()
+    runs = {r["job"]: r for r in status["runs"]}
+    assert runs["exp1-djinn-agents-n2"]["state"] == "Failed"
+    assert runs["exp1-djinn-agents-n2"]["reason"] == "BackoffLimitExceeded"
+    assert runs["exp1-djinn-agents-n4"]["state"] == "Pending" and "exp1-analysis" not in sim.jobs()
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "RunFailed" and "BackoffLimitExceeded" in failed["message"]
+    assert ("Deployment", "exp1-djinn-server") not in sim.objs
+
+
+def test_succeeded_job_without_result_is_result_missing():
+    status = Sim(spec(baselines=["native_pytorch"], agentCounts=[1]),
+                 outcomes={"exp1-native-pytorch-n1": "missing"}).run()
+    assert status["phase"] == "Failed" and status["runs"][0]["reason"] == "ResultMissing"
+
+
+def test_analysis_failure_fails_the_experiment():
+    status = Sim(spec(baselines=["native_pytorch"], agentCounts=[1]), outcomes={"exp1-analysis": "fail"}).run()
+    assert status["phase"] == "Failed" and status["analysis"]["state"] == "Failed"
+
+
+def test_stuck_server_fails_with_server_not_ready():
+    sim = Sim(spec(baselines=["djinn_agents"], agentCounts=[1]))
+    sim.reconcile()
+    sim.objs[("Deployment", "exp1-djinn-server")]["status"] = {"conditions": [
+        {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]}
+    sim.reconcile()
+    assert sim.status["phase"] == "Failed"
+    assert next(c for c in sim.status["conditions"] if c["type"] == "Failed")["reason"] == "ServerNotReady"
+    assert ("Deployment", "exp1-djinn-server") not in sim.objs
+
+
+def test_running_run_whose_job_is_missing_gets_it_created_under_the_same_name():
+    """The operator died after recording the run as Running but before creating its Job."""
+    sim = Sim(spec(baselines=["native_pytorch"], agentCounts=[1]))
+    sim.reconcile()
+    del sim.objs[("Job", "exp1-native-pytorch-n1")]
+    acts = sim.reconcile()
+    assert [a.obj["metadata"]["name"] for a in acts] == ["exp1-native-pytorch-n1"]
+    assert sim.reconcile() == []  # nothing more while it runs
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"agentCounts": [2, -1]}, "spec.agentCounts: agent counts must be >= 1, got -1"),
+    ({"baselines": ["warp_drive"]}, "spec.baselines.0: Input should be "),
+    ({"output": None}, "spec.output"),
+    ({"output": {"uri": "/tmp/results"}}, "spec.output.uri: the operator needs s3://bucket/prefix"),
+])
+def test_invalid_spec_fails_with_one_line(bad, message):
+    raw = {k: v for k, v in {**spec(), **bad}.items() if v is not None}
+    sim = Sim(raw)
+    assert sim.reconcile() == []
+    failed = next(c for c in sim.status["conditions"] if c["type"] == "Failed")
+    assert sim.status["phase"] == "Failed" and failed["reason"] == "InvalidSpec"
+    assert failed["message"].startswith(message) and "\n" not in failed["message"]
+    assert not sim.status.get("runs") and not sim.objs
+    before = dict(sim.status)
+    sim.reconcile()
+    assert sim.status == before  # nothing to do until the spec changes
+    sim.spec = spec(baselines=["native_pytorch"], agentCounts=[1])  # fixed: planned now
+    assert sim.run()["phase"] == "Succeeded"
+
+
+def test_spec_update_after_planning_is_refused():
+    sim = Sim(spec(baselines=["native_pytorch"], agentCounts=[1, 2]))
+    sim.reconcile()
+    sim.spec = {**sim.spec, "agentCounts": [1, 2, 4]}
+    sim.reconcile()
+    refused = next(c for c in sim.status["conditions"] if c["type"] == "SpecUpdateRefused")
+    assert refused["status"] == "True" and KIND in refused["message"]
+    assert len(sim.status["runs"]) == 2
+    sim.spec = spec(baselines=["native_pytorch"], agentCounts=[1, 2])  # reverted
+    sim.reconcile()
+    assert "SpecUpdateRefused" not in {c["type"] for c in sim.status["conditions"]}
+
+
+def test_conditions_keep_their_transition_time():
+    st = Status()
+    set_condition(st, "Progressing", "True", "Running", "a", "t1")
+    set_condition(st, "Progressing", "True", "Running", "b", "t2")
+    assert st.conditions[0].last_transition_time == "t1" and st.conditions[0].message == "b"
+    set_condition(st, "Progressing", "False", "Succeeded", "", "t3")
+    assert st.conditions[0].last_transition_time == "t3" and len(st.conditions) == 1
+
+
+def test_result_key_is_the_newest_of_this_run_since_it_started():
+    run = Run(baseline="ray_keepalive", n=2, job="j", started_at="2026-11-22T10:00:00Z")
+    keys = ["results/ray_keepalive/20261122T095000000000Z-aaaaaa_n2.json",  # an older experiment
+            "results/ray_keepalive/20261122T100100000000Z-bbbbbb_n2.json",
+            "results/ray_keepalive/20261122T100200000000Z-cccccc_n2.json",
+            "results/ray_keepalive/20261122T100300000000Z-dddddd_n4.json",
+            "results/ray_serverless/20261122T100400000000Z-eeeeee_n2.json"]
+    assert pick_key(keys, run) == keys[2]
+    assert pick_key(keys[:1], run) is None
+    decode = Run(baseline="full_djinn", job="j")
+    assert pick_key(["results/full_djinn/20261122T100100000000Z-ab.json",
+                     "results/full_djinn/20261122T100200000000Z-cd_n1.json"], decode) \
+        == "results/full_djinn/20261122T100100000000Z-ab.json"
