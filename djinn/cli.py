@@ -53,11 +53,12 @@ def _add_overrides(p: argparse.ArgumentParser, baselines: bool = True) -> None:
         p.add_argument("--baselines", nargs="+", default=None, help="subset of the spec's baselines")
     p.add_argument("--output-dir", default=None, help="local directory or s3://bucket/prefix")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (MinIO, moto)")
+    p.add_argument("--log-dir", default=None, help="where the local Djinn server's log goes")
     p.add_argument("--stop-on-oom", dest="stop_on_oom", action="store_true", default=None)
     p.add_argument("--no-stop-on-oom", dest="stop_on_oom", action="store_false")
 
 
-def resolve_spec(args: argparse.Namespace, base: Optional[dict] = None) -> tuple[str, Any]:
+def resolve_spec(args: argparse.Namespace) -> tuple[str, Any]:
     """Spec file / --spec-json / embedded default, then command-line overrides; validated once."""
     name = "experiment"
     if getattr(args, "spec_json", None):
@@ -69,7 +70,7 @@ def resolve_spec(args: argparse.Namespace, base: Optional[dict] = None) -> tuple
         name, spec = load_spec_file(args.spec)
         data = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     else:
-        data = json.loads(json.dumps(base if base is not None else EMBEDDED_DEFAULT))
+        data = json.loads(json.dumps(getattr(args, "default_spec", EMBEDDED_DEFAULT)))
     if not isinstance(data, dict):
         raise SpecError("spec: expected a mapping of fields")
     for flag, (field, _) in _OVERRIDES.items():
@@ -157,7 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", nargs="?", help="AgentScalingExperiment YAML (default: the embedded tiny-model experiment)")
     run.add_argument("--spec-json", default=None, help="the spec as JSON (what the operator's Jobs pass)")
     run.add_argument("--no-analyze", action="store_true", help="skip the analysis step")
-    run.add_argument("--log-dir", default=None, help="where the local Djinn server's log goes")
     _add_overrides(run)
     run.set_defaults(func=cmd_run)
 
@@ -165,14 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     agents.add_argument("--baseline", required=True,
                         choices=["native_pytorch", "ray_keepalive", "ray_serverless", "djinn_agents"])
     agents.add_argument("spec", nargs="?")
-    agents.set_defaults(func=cmd_agents, spec_json=None, no_analyze=True, log_dir=None)
+    # the seed scripts' defaults: the paper's settings, not the embedded demo (no emulated memory cap)
+    agents.set_defaults(func=cmd_agents, spec_json=None, no_analyze=True, default_spec={})
     _add_overrides(agents, baselines=False)
 
     decode = sub.add_parser("decode", help="Experiment 2.1: per-token latency and bytes of one decode mode")
     decode.add_argument("--backend", choices=["native", "djinn"], default="native")
     decode.add_argument("--mode", choices=["full_djinn", "partially_aware", "semantic_blind"], default="full_djinn")
     decode.add_argument("spec", nargs="?")
-    decode.set_defaults(func=cmd_decode, spec_json=None, no_analyze=True, log_dir=None)
+    decode.set_defaults(func=cmd_decode, spec_json=None, no_analyze=True, default_spec={})
     _add_overrides(decode, baselines=False)
 
     analyze = sub.add_parser("analyze", help="Figure 6, Table 2, claims.json from result documents")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Protocol
 
 from djinn.results import ResultDocument, StepRecord
-from djinn.runners.common import OBSERVATION, is_oom
+from djinn.runners.common import OBSERVATION, error_line, is_oom
 from djinn.spec import ExperimentSpec
 
 NEXT_TASK = "Next task: plan the following step and explain it."
@@ -60,7 +60,7 @@ def run_agents(backend: AgentBackend, n: int, spec: ExperimentSpec, work: AgentW
     except Exception as exc:
         if not is_oom(exc):
             raise
-        doc.oom, doc.error = True, _one_line(exc)
+        doc.oom, doc.error = True, error_line(exc)
         return doc
     barrier = threading.Barrier(n)
     t0 = time.perf_counter()
@@ -97,13 +97,8 @@ def run_agents(backend: AgentBackend, n: int, spec: ExperimentSpec, work: AgentW
     if real:
         if not any(is_oom(e) for e in real):
             raise real[0]
-        doc.oom, doc.error = True, _one_line(next(e for e in real if is_oom(e)))
+        doc.oom, doc.error = True, error_line(next(e for e in real if is_oom(e)))
     return doc
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
 
 
 class NativeBackend:
@@ -116,8 +111,9 @@ class NativeBackend:
         self.agents: dict[int, object] = {}
 
     def setup(self, n: int) -> None:
-        from djinn.runners.hf_agent import CachedAgent
+        from djinn.runners.hf_agent import CachedAgent, warm_up
 
+        warm_up(self.model)
         self.agents = {i: CachedAgent(self.model) for i in range(n)}
 
     def step(self, agent: int, new_tokens: list[int], max_new_tokens: int) -> StepOutcome:

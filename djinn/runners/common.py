@@ -36,6 +36,14 @@ def is_oom(exc: BaseException) -> bool:
     return "CUDA out of memory" in text or "OutOfMemoryError" in text or "out of memory" in text.lower()
 
 
+def error_line(exc: BaseException) -> str:
+    """One line for a result's ``error``: the out-of-memory line when the text has one
+    (Ray wraps an actor's OOM in its own traceback), else the first line."""
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    oom = [l for l in lines if "out of memory" in l.lower()]
+    return f"{type(exc).__name__}: {(oom or lines or [''])[0]}"[:500]
+
+
 def write_result(spec: ExperimentSpec, doc: ResultDocument) -> str:
     """Store ``doc`` atomically under the spec's output; never overwrites another run's file."""
     store = open_store(spec.output.uri, spec.output.endpoint_url, spec.output.region)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from djinn.results import ResultDocument
-from djinn.runners.common import is_oom, prompt_text, say, write_result
+from djinn.runners.common import error_line, is_oom, prompt_text, say, write_result
 from djinn.spec import AGENT_BASELINES, DECODE_MODES, RAY_BASELINES, Baseline, ExperimentSpec
 
 SERVER_BASELINES = {Baseline.djinn_agents, *DECODE_MODES}
@@ -166,7 +166,7 @@ def _run_agents(spec: ExperimentSpec, task: Task, res: Resources, work) -> list[
         except Exception as exc:
             if not is_oom(exc):
                 raise
-            doc.oom, doc.error = True, f"{type(exc).__name__}: {str(exc).splitlines()[0][:400]}"
+            doc.oom, doc.error = True, error_line(exc)
         doc.finalize()
         a = doc.aggregates
         say(f"{task.baseline.value} N={n}: " + ("OOM" if doc.oom else

@@ -17,8 +17,8 @@ import ray
 import torch
 
 from djinn.runners.agents import StepOutcome
-from djinn.runners.common import is_oom
-from djinn.runners.hf_agent import CachedAgent, ModelRef, cache_bytes, greedy
+from djinn.runners.common import error_line, is_oom
+from djinn.runners.hf_agent import CachedAgent, ModelRef, cache_bytes, greedy, warm_up
 
 
 def ensure_ray(address: Optional[str], max_agents: int) -> bool:
@@ -83,7 +83,7 @@ class KeepAliveAgent:
             self.agent = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            return {"oom": True, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:400]}"}
+            return {"oom": True, "error": error_line(exc)}
 
     def load(self) -> dict:
         def run():
@@ -91,6 +91,7 @@ class KeepAliveAgent:
             self.weight_bytes = lm.weight_bytes
             self.agent = CachedAgent(lm.model)
             self._hold(self.weight_bytes)
+            warm_up(lm.model)
             return self.weight_bytes
         return self._guard(run)
 

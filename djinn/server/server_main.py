@@ -23,7 +23,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-vram-gb", type=float, default=80.0, help="device memory for weights + KV caches (GiB)")
     p.add_argument("--max-seq-len", type=int, default=512, help="tokens one session may hold")
     p.add_argument("--max-slots", type=int, default=256, help="sessions resident on the device at once")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prefill tokens per engine step")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="prefill tokens per engine step")
     p.add_argument("--session-ttl", type=float, default=600.0, help="seconds an idle session lives")
     p.add_argument("--orphan-ttl", type=float, default=60.0, help="seconds a session of a dropped client lives")
     p.add_argument("--max-frame-mb", type=float, default=DEFAULT_MAX_FRAME / 2**20, help="largest frame accepted")

@@ -38,7 +38,7 @@ class ServerConfig:
     max_vram_gb: float = 80.0
     max_seq_len: int = 512
     max_slots: int = 256
-    prefill_chunk: int = 512
+    prefill_chunk: int = 2048
     session_ttl_s: float = 600.0
     orphan_ttl_s: float = 60.0
     weights: str = "auto"
