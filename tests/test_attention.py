@@ -26,7 +26,7 @@ from djinn.engine.engine import Engine
 from djinn.runners.hf_agent import greedy
 lm = load_model("djinn/tiny-llama", weights="synthetic", device="cpu", quiet=True)
 eng = Engine(lm.model, max_seq=128, max_slots=4)
-assert eng.net.use_triton
+assert eng.net.use_triton and eng.net.fused is not None
 prompts = [list(range(10, 40)), list(range(50, 60))]
 sessions = [eng.open_session().result() for _ in prompts]
 futs = [eng.generate(s.id, p, 8) for s, p in zip(sessions, prompts)]

@@ -63,6 +63,7 @@ class PoolTransformer:
                 cos, sin = self.body.rotary_emb(torch.empty(1, dtype=p.dtype, device=p.device), positions[None])
             self.rope_table = (cos[0], sin[0])
         self.use_triton = False
+        self.fused = None
         # cuDNN attention builds a plan per new shape (~1 s on an H100, measured): prefill shapes
         # change with every batch, so it is left out.
         self.prefill_backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -145,8 +146,11 @@ class PoolTransformer:
                positions: torch.Tensor, span: int) -> torch.Tensor:
         """One token for each of B sessions: ``slots``/``tokens``/``positions`` are [B];
         ``span`` >= max(positions)+1 bounds the attended cache (torch path). Returns logits [B, V].
-        With ``use_triton`` the attention reads the pool in place and nothing here syncs
-        with the host, so the whole step can be captured in a CUDA graph."""
+        With ``use_triton`` the attention reads the pool in place (Llama-style models run the
+        fused kernels of :mod:`djinn.engine.fused`) and nothing here syncs with the host, so
+        the whole step can be captured in a CUDA graph."""
+        if self.fused is not None:
+            return self.fused.decode(k_pool, v_pool, slots, tokens, positions)
         x = self._embed(tokens, positions)
         rope = self._rope(positions)
         lengths = positions + 1
@@ -164,5 +168,8 @@ class PoolTransformer:
 
     def enable_triton(self, probe: torch.Tensor) -> bool:
         """Use the in-place Triton attention when it runs on ``probe``'s device."""
+        from djinn.engine.fused import FusedLlamaDecode
+
         self.use_triton = triton_supported(probe, self.shape.head_dim)
+        self.fused = FusedLlamaDecode(self) if self.use_triton and FusedLlamaDecode.supported(self) else None
         return self.use_triton
