@@ -79,3 +79,22 @@ def test_gpt2_family(tmp_path):
         assert eng.generate(s.id, PROMPTS[0], 10).result().tokens == hf_greedy(lm.model, PROMPTS[0], 10)
     finally:
         eng.shutdown()
+
+
+def test_recycled_host_blocks_keep_every_parked_cache_intact(tiny_llama):
+    """Five sessions through two slots, three rounds: every round parks and restores caches
+    through recycled host blocks, and every continuation still equals HF generate."""
+    eng = Engine(tiny_llama.model, max_seq=256, max_slots=2, host_slots=1)
+    try:
+        sessions = [eng.open_session().result() for _ in range(5)]
+        history = {s.id: list(range(20 + 9 * i, 40 + 9 * i)) for i, s in enumerate(sessions)}
+        new = dict(history)
+        for _ in range(3):
+            for s in sessions:
+                out = eng.generate(s.id, new[s.id], 4).result().tokens
+                assert out == hf_greedy(tiny_llama.model, history[s.id], 4)
+                history[s.id] = history[s.id] + out + [11]
+                new[s.id] = [11]
+        assert eng.stats["restores"] >= 8 and len(eng.pool._host_blocks) >= 2
+    finally:
+        eng.shutdown()

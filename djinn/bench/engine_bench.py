@@ -100,6 +100,8 @@ def agents_round(engine, n: int, prompt: list[int], observation: list[int], new_
         row[f"{phase.lower()}_p50_ms"] = percentile(xs, 50)
         row[f"{phase.lower()}_p99_ms"] = percentile(xs, 99)
     row["reason_tokens_per_s"] = n * new_tokens / (reason_window[1] - reason_window[0])
+    for key in ("admit_ms", "decode_ms", "prefill_ms", "decode_steps", "tokens_prefilled"):
+        row[key] = engine.stats[key] - stats0[key]
     row["parks"] = engine.stats["parks"] - stats0["parks"]
     row["restores"] = engine.stats["restores"] - stats0["restores"]
     return row
@@ -133,7 +135,8 @@ def run(args: argparse.Namespace) -> dict:
 
     budget = int(args.max_vram_gb * (1 << 30)) - lm.weight_bytes - (4 << 30) if dev.type == "cuda" else None
     engine = Engine(lm.model, max_seq=args.max_seq_len, kv_budget_bytes=budget, max_slots=args.max_slots,
-                    prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_cuda_graphs)
+                    prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_cuda_graphs,
+                    host_slots=args.host_kv_slots)
     report["engine"] = {"cuda_graphs": engine.decoder.enabled, "triton_attention": engine.net.use_triton,
                         "kv_slots": engine.pool.n_slots, "max_seq_len": engine.pool.max_seq,
                         "kv_pool_gb": engine.pool.nbytes / 1e9}
@@ -213,6 +216,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-vram-gb", type=float, default=70.0)
     p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--host-kv-slots", type=int, default=0, help="parked caches preallocated in pinned memory")
     p.add_argument("--json", default=None, help="also write the full report here")
 
 

@@ -81,7 +81,8 @@ class Result:
 
 class Engine:
     def __init__(self, model, *, max_seq: int = 512, kv_budget_bytes: Optional[int] = None,
-                 max_slots: int = 256, prefill_chunk: int = 512, cuda_graphs: bool = True):
+                 max_slots: int = 256, prefill_chunk: int = 512, cuda_graphs: bool = True,
+                 host_slots: int = 0):
         self.model = model
         self.net = PoolTransformer(model)
         p = next(model.parameters())
@@ -89,12 +90,13 @@ class Engine:
         max_seq = min(max_seq, self.net.shape.max_positions)
         per_slot = slot_bytes(self.net.shape, max_seq, self.dtype)
         n_slots = max_slots if kv_budget_bytes is None else min(max_slots, kv_budget_bytes // per_slot - 1)
-        self.pool = KVPool(self.net.shape, int(n_slots), max_seq, self.dtype, self.device)
+        self.pool = KVPool(self.net.shape, int(n_slots), max_seq, self.dtype, self.device, host_slots)
         self.decoder = DecodeRunner(self.net, self.pool, cuda_graphs)
         self.prefill_chunk = prefill_chunk
         self.sessions: dict[str, Session] = {}
         self.stats = {"requests": 0, "tokens_generated": 0, "tokens_prefilled": 0, "decode_steps": 0,
-                      "decode_batch_tokens": 0, "parks": 0, "restores": 0, "reused_sessions": 0}
+                      "decode_batch_tokens": 0, "parks": 0, "restores": 0, "reused_sessions": 0,
+                      "admit_ms": 0.0, "decode_ms": 0.0, "prefill_ms": 0.0}
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: list[Request] = []
         self._running: list[Request] = []
@@ -179,6 +181,8 @@ class Engine:
         if s.slot is not None:
             self.pool.release(s.slot)
             s.slot = None
+        if s.host_kv is not None and not s.temporary:
+            self.pool.recycle(s.host_kv)
         s.host_kv = None
 
     def _park(self, s: Session) -> None:
@@ -261,8 +265,9 @@ class Engine:
                 kv = r.past_kv if s.temporary else s.host_kv
                 if kv is not None:
                     self.pool.load(slot, kv)
-                    s.host_kv = None
                     if not s.temporary:
+                        self.pool.recycle(kv)
+                        s.host_kv = None
                         self.stats["restores"] += 1
             r.admitted = time.perf_counter()
             self._running.append(r)
@@ -278,7 +283,7 @@ class Engine:
         if s.temporary:
             res.logits = r.logits.float().cpu() if r.logits is not None else None
             if r.return_kv:
-                res.kv = self.pool.save(s.slot, s.kv_len)
+                res.kv = self.pool.save(s.slot, s.kv_len, pooled=False)
                 self.pool.synchronize()
             self._free(s)
         self.stats["requests"] += 1
@@ -334,9 +339,11 @@ class Engine:
         while not self._stop.is_set():
             try:
                 self._drain(block=not (self._waiting or self._running))
-                self._admit()
-                self._decode_step()
-                self._prefill_step()
+                for phase, step in (("admit_ms", self._admit), ("decode_ms", self._decode_step),
+                                    ("prefill_ms", self._prefill_step)):
+                    t0 = time.perf_counter()
+                    step()
+                    self.stats[phase] += (time.perf_counter() - t0) * 1e3  # host time, for /metrics
                 done = [r for r in self._running if not r.pending and len(r.out) >= r.max_new_tokens]
                 for r in done:
                     self._finish(r)

@@ -24,6 +24,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-seq-len", type=int, default=512, help="tokens one session may hold")
     p.add_argument("--max-slots", type=int, default=256, help="sessions resident on the device at once")
     p.add_argument("--prefill-chunk", type=int, default=2048, help="prefill tokens per engine step")
+    p.add_argument("--host-kv-slots", type=int, default=0,
+                   help="parked sessions' caches to preallocate in pinned host memory (more are allocated on demand)")
     p.add_argument("--session-ttl", type=float, default=600.0, help="seconds an idle session lives")
     p.add_argument("--orphan-ttl", type=float, default=60.0, help="seconds a session of a dropped client lives")
     p.add_argument("--max-frame-mb", type=float, default=DEFAULT_MAX_FRAME / 2**20, help="largest frame accepted")
@@ -57,6 +59,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise SystemExit(f"--{name.replace('_', '-')}: must be >= 1")
     return ServerConfig(device=device, max_concurrent=max_concurrent, max_vram_gb=args.max_vram_gb,
                         max_seq_len=args.max_seq_len, max_slots=args.max_slots, prefill_chunk=args.prefill_chunk,
+                        host_kv_slots=max(0, args.host_kv_slots),
                         session_ttl_s=args.session_ttl, orphan_ttl_s=args.orphan_ttl, weights=args.weights,
                         dtype=args.dtype, seed=args.seed)
 

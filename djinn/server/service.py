@@ -39,6 +39,7 @@ class ServerConfig:
     max_seq_len: int = 512
     max_slots: int = 256
     prefill_chunk: int = 2048
+    host_kv_slots: int = 0
     session_ttl_s: float = 600.0
     orphan_ttl_s: float = 60.0
     weights: str = "auto"
@@ -97,7 +98,8 @@ class DjinnService:
                                                  dtype or self.config.dtype, self.config.device, self.config.seed)
                 budget = self._kv_budget(loaded.weight_bytes, loaded.device)
                 engine = Engine(loaded.model, max_seq=self.config.max_seq_len, kv_budget_bytes=budget,
-                                max_slots=self.config.max_slots, prefill_chunk=self.config.prefill_chunk)
+                                max_slots=self.config.max_slots, prefill_chunk=self.config.prefill_chunk,
+                                host_slots=self.config.host_kv_slots)
             except ModelLoadError as exc:
                 raise RequestError("bad_request", str(exc)) from None
             finally:

@@ -15,7 +15,10 @@ common=(--model-id meta-llama/Llama-2-7b-hf --weights synthetic --dtype float16 
         --sleep-seconds 10 --output-dir "$res/exp" --log-dir "$res")
 case "$part" in
   bench)
-    python3 -m djinn.cli bench-engine --model-id meta-llama/Llama-2-7b-hf --weights synthetic --json "$res/bench.json" 2>&1 | tee "$res/bench.log" ;;
+    python3 -m djinn.cli bench-engine --model-id meta-llama/Llama-2-7b-hf --weights synthetic --json "$res/bench.json" 2>&1 | tee "$res/bench.log"
+    # parking: a KV budget for ~165 sessions of 256 tokens, 256 agents
+    python3 -m djinn.cli bench-engine --model-id meta-llama/Llama-2-7b-hf --weights synthetic --max-vram-gb 40 \
+      --agent-counts 256 --json "$res/bench-parking.json" 2>&1 | tee "$res/bench-parking.log" ;;
   djinn)
     python3 -m djinn.cli run "${common[@]}" --baselines full_djinn partially_aware semantic_blind djinn_agents \
       --runs 5 --warmup-runs 1 --agent-counts 1 2 4 8 16 32 --no-analyze 2>&1 | tee "$res/run-djinn.log"
