@@ -54,6 +54,7 @@ def _add_overrides(p: argparse.ArgumentParser, baselines: bool = True) -> None:
     p.add_argument("--output-dir", default=None, help="local directory or s3://bucket/prefix")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (MinIO, moto)")
     p.add_argument("--log-dir", default=None, help="where the local Djinn server's log goes")
+    p.add_argument("--tag", default=None, help="label stored in every result document")
     p.add_argument("--stop-on-oom", dest="stop_on_oom", action="store_true", default=None)
     p.add_argument("--no-stop-on-oom", dest="stop_on_oom", action="store_false")
 
@@ -103,7 +104,7 @@ def cmd_run(args: argparse.Namespace, tasks_for=None) -> int:
 
     _, spec = resolve_spec(args)
     tasks = tasks_for(spec) if tasks_for else plan_tasks(spec)
-    written = run_experiment(spec, tasks, args.log_dir)
+    written = run_experiment(spec, tasks, args.log_dir, args.tag)
     print(f"results: {len(written)} documents under {spec.output.uri}/results/")
     if not args.no_analyze and written:
         artifacts = _analyze(spec.output.uri, None, spec.output.endpoint_url)

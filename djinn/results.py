@@ -86,6 +86,7 @@ class ResultDocument(BaseModel):
     djinn_server: Optional[str] = None
     weights: str = "synthetic"
     dtype: str = "float32"
+    tag: Optional[str] = None
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     runs: list[RunRecord] = Field(default_factory=list)
     steps: list[StepRecord] = Field(default_factory=list)

@@ -2,7 +2,6 @@
 import json
 
 import boto3
-import pytest
 
 from djinn.cli import main
 from djinn.runners.experiment import plan_tasks
@@ -69,3 +68,17 @@ def test_stop_on_oom_skips_larger_n(tmp_path):
     assert rc == 0
     docs = [json.loads(p.read_text()) for p in (out / "results" / "ray_keepalive").glob("*.json")]
     assert sorted((d["n_agents"], d["oom"]) for d in docs) == [(1, False), (4, True)]
+
+
+def test_decode_subcommand_like_the_seed_runner(tmp_path):
+    out = tmp_path / "decode"
+    rc = main(["decode", "--backend", "djinn", "--mode", "full_djinn", "--model-id", "djinn/tiny-llama",
+               "--weights", "synthetic", "--device", "cpu", "--runs", "2", "--warmup-runs", "1", "--new-tokens", "3",
+               "--tag", "djinn_remote_smoke", "--output-dir", str(out)])
+    assert rc == 0
+    [path] = list((out / "results" / "full_djinn").glob("*.json"))
+    doc = json.loads(path.read_text())
+    assert doc["tag"] == "djinn_remote_smoke" and doc["backend"] == "djinn" and doc["experiment"] == "decode"
+    assert [r["run_id"] for r in doc["runs"]] == [1, 2] and all(r["tokens_generated"] == 3 for r in doc["runs"])
+    assert doc["runs"][0]["host_to_device_mb"] > 0 and doc["runs"][0]["gpu_util_pct"] is None  # no GPU here
+    assert doc["aggregates"]["mean_per_token_ms"] > 0

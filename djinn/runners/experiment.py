@@ -36,8 +36,8 @@ def plan_tasks(spec: ExperimentSpec, decode_native: Optional[bool] = None) -> li
 class Resources:
     """Lazily started server / Ray / local model, released when a task no longer needs them."""
 
-    def __init__(self, spec: ExperimentSpec, log_dir: str):
-        self.spec, self.log_dir = spec, log_dir
+    def __init__(self, spec: ExperimentSpec, log_dir: str, tag: Optional[str] = None):
+        self.spec, self.log_dir, self.tag = spec, log_dir, tag
         self.server = None
         self.ray_started = False
         self.model = None
@@ -104,7 +104,8 @@ def _empty_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def _document(spec: ExperimentSpec, task: Task, prompt_tokens: int, backend: str) -> ResultDocument:
+def _document(spec: ExperimentSpec, task: Task, prompt_tokens: int, backend: str,
+              tag: Optional[str] = None) -> ResultDocument:
     import torch
 
     device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,7 +113,7 @@ def _document(spec: ExperimentSpec, task: Task, prompt_tokens: int, backend: str
         device = f"cuda ({torch.cuda.get_device_name(0)})"
     return ResultDocument(baseline=task.baseline.value, experiment=task.experiment, model_id=spec.model_id,
                           prompt_tokens=prompt_tokens, new_tokens=spec.new_tokens, backend=backend, device=device,
-                          djinn_server=spec.djinn_server, weights=spec.weights, dtype=spec.dtype)
+                          djinn_server=spec.djinn_server, weights=spec.weights, dtype=spec.dtype, tag=tag)
 
 
 def _run_decode(spec: ExperimentSpec, task: Task, res: Resources, prompt: list[int]) -> list[str]:
@@ -120,7 +121,7 @@ def _run_decode(spec: ExperimentSpec, task: Task, res: Resources, prompt: list[i
 
     if task.baseline == Baseline.native_pytorch:
         lm = res.local_model()
-        doc = _document(spec, task, len(prompt), "native")
+        doc = _document(spec, task, len(prompt), "native", res.tag)
         doc.weights, doc.dtype = lm.weights, str(lm.dtype).removeprefix("torch.")
         once = decode.native_once(lm.model, prompt, spec.new_tokens)
         return [write_result(spec, decode.measure(doc, once, spec.runs, spec.warmup_runs))]
@@ -129,7 +130,7 @@ def _run_decode(spec: ExperimentSpec, task: Task, res: Resources, prompt: list[i
     address = res.server_address()
     with DjinnClient(address) as client:
         client.load_model(spec.model_id, spec.weights, spec.dtype)
-        doc = _document(spec, task, len(prompt), "djinn")
+        doc = _document(spec, task, len(prompt), "djinn", res.tag)
         doc.djinn_server = address
         once = decode.remote_once(client, task.baseline.value, spec.model_id, prompt, spec.new_tokens)
         return [write_result(spec, decode.measure(doc, once, spec.runs, spec.warmup_runs))]
@@ -157,7 +158,7 @@ def _run_agents(spec: ExperimentSpec, task: Task, res: Resources, work) -> list[
 
     written = []
     for n in spec.agent_counts:
-        doc = _document(spec, task, len(work.prompt), "")
+        doc = _document(spec, task, len(work.prompt), "", res.tag)
         try:
             backend = _agent_backend(spec, task, res)
             doc.backend = backend.backend
@@ -179,7 +180,8 @@ def _run_agents(spec: ExperimentSpec, task: Task, res: Resources, work) -> list[
     return written
 
 
-def run_experiment(spec: ExperimentSpec, tasks: list[Task], log_dir: Optional[str] = None) -> list[str]:
+def run_experiment(spec: ExperimentSpec, tasks: list[Task], log_dir: Optional[str] = None,
+                   tag: Optional[str] = None) -> list[str]:
     """Run ``tasks`` in order and return where each result document was written."""
     from djinn.models.loader import load_tokenizer_for
     from djinn.runners.agents import AgentWorkload
@@ -191,7 +193,7 @@ def run_experiment(spec: ExperimentSpec, tasks: list[Task], log_dir: Optional[st
         f"{len(tasks)} baseline runs, output {spec.output.uri}")
     written: list[str] = []
     with ExitStack() as stack:
-        res = Resources(spec, log_dir or stack.enter_context(tempfile.TemporaryDirectory()))
+        res = Resources(spec, log_dir or stack.enter_context(tempfile.TemporaryDirectory()), tag)
         stack.callback(res.close)
         for i, task in enumerate(tasks, 1):
             say(f"({i}/{len(tasks)}) {task.experiment}: {task.baseline.value}")
