@@ -2,9 +2,9 @@
 
 The HF modules spend ~45 small kernels per layer on a one-token step (fp32 RMSNorm, rotary as
 multiply/cat, KV scatters, SiLU, residual adds); at batch 1 their launches cost about as much as
-reading the weights. Here each layer is: residual-add + RMSNorm (1 kernel), q/k/v GEMVs,
-rotary + KV-cache write (1), pool attention (1), o GEMV, add + RMSNorm (1), gate/up GEMVs,
-SiLU-multiply (1), down GEMV. Every rounding step matches HF's half-precision order, so the
+reading the weights. Here each layer is: residual-add + RMSNorm (1 kernel), one q|k|v GEMV,
+rotary + KV-cache write (1), pool attention (1), o GEMV, add + RMSNorm (1), one gate|up GEMV,
+SiLU-multiply (1), down GEMV: 9 kernels. Every rounding step matches HF's half-precision order, so the
 logits equal the HF modules' up to the order of one reduction.
 """
 from __future__ import annotations
@@ -68,12 +68,13 @@ if triton is not None:
             tl.store(VP + off + D // 2 + half, tl.load(vsrc + D // 2 + half))
 
     @triton.jit
-    def _silu_mul_kernel(G, U, OUT, N: tl.constexpr, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(GU, OUT, N: tl.constexpr, BLOCK: tl.constexpr):
+        """GU rows are [gate | up] (one GEMV over the concatenated weights)."""
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = cols < N
-        g = tl.load(G + row * N + cols, mask=m, other=0.0)
-        u = tl.load(U + row * N + cols, mask=m, other=0.0)
+        g = tl.load(GU + row * 2 * N + cols, mask=m, other=0.0)
+        u = tl.load(GU + row * 2 * N + N + cols, mask=m, other=0.0)
         gf = g.to(tl.float32)
         s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
         tl.store(OUT + row * N + cols, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=m)
@@ -88,12 +89,24 @@ def _add_rmsnorm(x, delta, weight, eps):
     return out
 
 
-def _silu_mul(g, u):
-    B, N = g.shape
-    out = torch.empty_like(g)
+def _silu_mul(gu):
+    B, N = gu.shape[0], gu.shape[1] // 2
+    out = torch.empty(B, N, dtype=gu.dtype, device=gu.device)
     block = 1024
-    _silu_mul_kernel[(B, triton.cdiv(N, block))](g, u, out, N=N, BLOCK=block)
+    _silu_mul_kernel[(B, triton.cdiv(N, block))](gu, out, N=N, BLOCK=block)
     return out
+
+
+def _concat_weights(*linears) -> torch.Tensor:
+    """One weight tensor for several projections of the same input; the modules' own weights
+    become views of it, so the model still holds one copy and HF's forward still works."""
+    fused = torch.cat([m.weight.data for m in linears])
+    start = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight.data = fused[start:start + rows]
+        start += rows
+    return fused
 
 
 class FusedLlamaDecode:
@@ -109,6 +122,9 @@ class FusedLlamaDecode:
         self.cos, self.sin = net.rope_table
         s = net.shape
         self.H, self.KVH, self.D = s.n_heads, s.n_kv_heads, s.head_dim
+        self.w_qkv = [_concat_weights(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj)
+                      for l in self.layers]
+        self.w_gate_up = [_concat_weights(l.mlp.gate_proj, l.mlp.up_proj) for l in self.layers]
 
     @staticmethod
     def supported(net) -> bool:
@@ -131,7 +147,8 @@ class FusedLlamaDecode:
         lengths = positions + 1
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
-            q, k, v = F.linear(h, attn.q_proj.weight), F.linear(h, attn.k_proj.weight), F.linear(h, attn.v_proj.weight)
+            qkv = F.linear(h, self.w_qkv[li])
+            q, k, v = qkv.split([H * D, KVH * D, KVH * D], dim=1)
             q_rot = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
             kp, vp = k_pool[li], v_pool[li]
             _rope_store_kernel[(B, H + KVH)](q, k, v, q_rot, kp, vp, self.cos, self.sin, positions, slots,
@@ -141,7 +158,7 @@ class FusedLlamaDecode:
             h = _add_rmsnorm(residual, F.linear(o, attn.o_proj.weight), layer.post_attention_layernorm.weight,
                              self.eps[li][1])
             mlp = layer.mlp
-            m = _silu_mul(F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight))
+            m = _silu_mul(F.linear(h, self.w_gate_up[li]))
             nxt = self.layers[li + 1].input_layernorm if li + 1 < len(self.layers) else self.norm
             h = _add_rmsnorm(residual, F.linear(m, mlp.down_proj.weight), nxt.weight, nxt.variance_epsilon)
         return self.lm_head(h)
