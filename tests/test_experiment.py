@@ -15,10 +15,14 @@ def _docs(endpoint, bucket, prefix):
 
 
 def test_plan_orders_decode_reference_then_modes_then_agents():
-    spec = parse_spec({"baselines": ["djinn_agents", "full_djinn", "ray_keepalive"], "output": {"uri": "x"}})
+    spec = parse_spec({"baselines": ["djinn_agents", "full_djinn", "native_pytorch", "ray_keepalive"],
+                       "output": {"uri": "x"}})
     assert [(t.experiment, t.baseline.value) for t in plan_tasks(spec)] == [
-        ("decode", "native_pytorch"), ("decode", "full_djinn"),
-        ("agent_scaling", "djinn_agents"), ("agent_scaling", "ray_keepalive")]
+        ("decode", "native_pytorch"), ("decode", "full_djinn"), ("agent_scaling", "djinn_agents"),
+        ("agent_scaling", "native_pytorch"), ("agent_scaling", "ray_keepalive")]
+    # one baseline per operator Job: no extra native decode next to a decode mode
+    only = parse_spec({"baselines": ["full_djinn"], "output": {"uri": "x"}})
+    assert [(t.experiment, t.baseline.value) for t in plan_tasks(only)] == [("decode", "full_djinn")]
 
 
 def test_whole_experiment_to_s3_with_keepalive_oom(s3_endpoint, s3_bucket, tmp_path):

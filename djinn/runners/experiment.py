@@ -23,12 +23,12 @@ class Task:
     baseline: Baseline
 
 
-def plan_tasks(spec: ExperimentSpec, decode_native: Optional[bool] = None) -> list[Task]:
-    """Baselines in the spec's order; decode modes get the native decode reference first."""
-    tasks = []
-    if decode_native if decode_native is not None else any(b in DECODE_MODES for b in spec.baselines):
-        tasks.append(Task("decode", Baseline.native_pytorch))
-    tasks += [Task("decode", b) for b in spec.baselines if b in DECODE_MODES]
+def plan_tasks(spec: ExperimentSpec) -> list[Task]:
+    """Baselines in the spec's order: decode modes first, preceded by the native decode reference
+    when native_pytorch is requested too (one Job of the operator runs exactly one baseline)."""
+    modes = [b for b in spec.baselines if b in DECODE_MODES]
+    tasks = [Task("decode", Baseline.native_pytorch)] if modes and Baseline.native_pytorch in spec.baselines else []
+    tasks += [Task("decode", b) for b in modes]
     tasks += [Task("agent_scaling", b) for b in spec.baselines if b in AGENT_BASELINES]
     return tasks
 
