@@ -141,8 +141,10 @@ def _job(exp: Experiment, name: str, labels: dict[str, str], command: list[str],
     c, out = exp.spec.cluster, exp.spec.output
     env = ([{"name": "AWS_ENDPOINT_URL_S3", "value": out.endpoint_url}] if out.endpoint_url else []) + \
           ([{"name": "AWS_REGION", "value": out.region}] if out.region else [])
+    # a Job that holds the GPU (native_pytorch) needs the CUDA image the server runs
+    image = (c.server_image or c.image) if gpu and c.gpu else c.image
     container: dict[str, Any] = {
-        "name": "djinn-bench", "image": c.image, "imagePullPolicy": c.image_pull_policy, "command": command,
+        "name": "djinn-bench", "image": image, "imagePullPolicy": c.image_pull_policy, "command": command,
         "resources": _resources(exp, gpu, c.server_memory if gpu else None)}
     if env:
         container["env"] = env

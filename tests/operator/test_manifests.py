@@ -121,3 +121,12 @@ def test_external_server_and_ray_are_used_not_created():
     assert "10.0.0.5:5556" in container(manifests.run_job(e, "djinn_agents", 1))["command"]
     assert "ray://head:10001" in container(manifests.run_job(e, "ray_serverless", 1))["command"]
     assert exp(baselines=["native_pytorch"]).server_name is None
+
+
+def test_native_jobs_take_the_cuda_server_image_and_clients_the_plain_one():
+    e = exp(cluster={"image": "client:1", "serverImage": "cuda:1"})
+    assert container(manifests.run_job(e, "native_pytorch", 2))["image"] == "cuda:1"
+    assert container(manifests.run_job(e, "djinn_agents", 2))["image"] == "client:1"
+    assert container(manifests.analysis_job(e))["image"] == "client:1"
+    cpu = exp(cluster={"image": "client:1", "serverImage": "cuda:1", "gpu": False})
+    assert container(manifests.run_job(cpu, "native_pytorch", 2))["image"] == "client:1"
