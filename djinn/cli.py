@@ -125,7 +125,6 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from djinn.spec import Baseline
 
     baseline = "native_pytorch" if args.backend == "native" else args.mode
-    args.baselines = None
     return cmd_run(args, lambda spec: [Task("decode", Baseline(baseline))])
 
 

@@ -110,9 +110,8 @@ def agents_round(engine, n: int, prompt: list[int], observation: list[int], new_
 def run(args: argparse.Namespace) -> dict:
     from djinn.engine.engine import Engine
     from djinn.models.loader import load_model
-    from djinn.runners.common import OBSERVATION
+    from djinn.runners.common import OBSERVATION, prompt_text
     from djinn.runners.hf_agent import greedy
-    from djinn.runners.common import prompt_text
     from djinn.spec import ExperimentSpec
 
     lm = load_model(args.model_id, args.weights, args.dtype, args.device, quiet=True)

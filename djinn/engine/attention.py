@@ -9,6 +9,8 @@ torch version is the reference and the CPU path.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -20,7 +22,12 @@ except ImportError:  # CPU-only installs: the torch path serves
     triton = None
 
 
-@sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+# PyTorch's cuDNN attention builds a plan for every new shape (~1 s each on an H100, measured); the
+# engine's prefill and the baselines' HF generate meet a new shape at nearly every call, so it is left out.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@sdpa_kernel(SDPA_BACKENDS)
 def torch_pool_decode_attention(q, k_pool, v_pool, slots, lengths, scale: float, span: int):
     """Reference: gather the first ``span`` positions of each row's slot, mask past its length."""
     B = q.shape[0]
@@ -79,7 +86,5 @@ def triton_pool_decode_attention(q, k_pool, v_pool, slots, lengths, scale: float
 
 def triton_supported(q: torch.Tensor, head_dim: int) -> bool:
     """The kernel needs Triton, a CUDA tensor (or the interpreter) and a power-of-two head dim >= 16."""
-    import os
-
     on_device = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     return triton is not None and on_device and head_dim >= 16 and head_dim & (head_dim - 1) == 0

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
-from djinn.engine.attention import torch_pool_decode_attention, triton_pool_decode_attention, triton_supported
+from djinn.engine.attention import (SDPA_BACKENDS, torch_pool_decode_attention, triton_pool_decode_attention,
+                                    triton_supported)
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,6 @@ class PoolTransformer:
             self.rope_table = (cos[0], sin[0])
         self.use_triton = False
         self.fused = None
-        # cuDNN attention builds a plan per new shape (~1 s on an H100, measured): prefill shapes
-        # change with every batch, so it is left out.
-        self.prefill_backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
     # -- per-family pieces ---------------------------------------------------
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -127,7 +125,7 @@ class PoolTransformer:
         rows = slots[:, None].expand(B, T)
 
         for li, layer in enumerate(self._layers()):
-            @sdpa_kernel(self.prefill_backends)
+            @sdpa_kernel(SDPA_BACKENDS)
             def attend(q, k, v, li=li):
                 k_pool[li, rows, :, positions] = k.view(B, T, *k.shape[1:])
                 v_pool[li, rows, :, positions] = v.view(B, T, *v.shape[1:])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Protocol
 
 from djinn.results import ResultDocument, StepRecord
-from djinn.runners.common import OBSERVATION, error_line, is_oom
+from djinn.runners.common import OBSERVATION, empty_cuda_cache, error_line, is_oom
 from djinn.spec import ExperimentSpec
 
 NEXT_TASK = "Next task: plan the following step and explain it."
@@ -122,7 +122,7 @@ class NativeBackend:
 
     def teardown(self) -> None:
         self.agents = {}
-        _empty_cuda_cache()
+        empty_cuda_cache()
 
 
 class DjinnBackend:
@@ -155,10 +155,3 @@ class DjinnBackend:
             finally:
                 s.client.close()
         self.sessions = {}
-
-
-def _empty_cuda_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -28,6 +28,12 @@ def prompt_text(spec: ExperimentSpec) -> str:
         raise SystemExit(f"promptFile: {path} does not exist; give an existing file or a prompt") from None
 
 
+def empty_cuda_cache() -> None:
+    """Give cached device memory back, so the next baseline (or process) can have it."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def is_oom(exc: BaseException) -> bool:
     """True for a real device/host out-of-memory error (CUDA, the emulated cap, or MemoryError)."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):

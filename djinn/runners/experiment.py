@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from djinn.results import ResultDocument
-from djinn.runners.common import error_line, is_oom, prompt_text, say, write_result
+from djinn.runners.common import empty_cuda_cache, error_line, is_oom, prompt_text, say, write_result
 from djinn.spec import AGENT_BASELINES, DECODE_MODES, RAY_BASELINES, Baseline, ExperimentSpec
 
 SERVER_BASELINES = {Baseline.djinn_agents, *DECODE_MODES}
@@ -83,7 +83,7 @@ class Resources:
         if self.model is not None and task.baseline != Baseline.native_pytorch:
             self.model = None
             gc.collect()
-            _empty_cuda_cache()
+            empty_cuda_cache()
 
     def close(self) -> None:
         if self.server is not None:
@@ -95,13 +95,6 @@ class Resources:
             ray.shutdown()
             self.ray_started = False
         self.model = None
-
-
-def _empty_cuda_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _document(spec: ExperimentSpec, task: Task, prompt_tokens: int, backend: str,

@@ -17,7 +17,7 @@ import ray
 import torch
 
 from djinn.runners.agents import StepOutcome
-from djinn.runners.common import error_line, is_oom
+from djinn.runners.common import empty_cuda_cache, error_line, is_oom
 from djinn.runners.hf_agent import CachedAgent, ModelRef, cache_bytes, greedy, warm_up
 
 
@@ -81,8 +81,7 @@ class KeepAliveAgent:
             if not is_oom(exc):
                 raise
             self.agent = None
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            empty_cuda_cache()
             return {"oom": True, "error": error_line(exc)}
 
     def load(self) -> dict:
@@ -148,8 +147,7 @@ def serverless_step(ref: ModelRef, history: list[int], max_new_tokens: int) -> l
         return greedy(lm.model, history, max_new_tokens)
     finally:
         del lm
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        empty_cuda_cache()
 
 
 class RayServerlessBackend:
