@@ -7,6 +7,7 @@ import time
 import urllib.request
 
 import pytest
+import torch
 
 from djinn.client import ConcurrencyLimitExceeded, DjinnClient, DjinnError, SessionNotFound
 from djinn.runners.decode import REMOTE_MODES
@@ -88,6 +89,16 @@ def test_malformed_frames_get_an_error_reply_and_the_server_survives(djinn_serve
             c.request("explode")
         with pytest.raises(DjinnError, match="mode"):
             c.open_session(mode="turbo")
+        s = c.open_session()
+        with pytest.raises(DjinnError, match="^tokens: id 32000 is outside the model's vocabulary"):
+            s.generate([5, 32000], 2)
+        with pytest.raises(DjinnError, match="^max_new_tokens: expected an integer"):
+            c.request("generate", session_id=s.id, max_new_tokens="many", tokens=[1])
+        with pytest.raises(DjinnError, match="^tokens: id -1"):
+            c.forward([-1])
+        with pytest.raises(DjinnError, match="^tokens: expected an int64 tensor"):
+            c.request("forward", {"tokens": torch.ones(3)})
+        assert len(s.generate([5, 6], 2)) == 2  # the session is still usable
         assert c.hello()["version"] == 1
 
 

@@ -16,6 +16,8 @@ log = logging.getLogger("djinn.server")
 
 def _tokens(header: dict, tensors: dict, key: str = "tokens") -> list[int]:
     if key in tensors:
+        if tensors[key].dtype not in (torch.int64, torch.int32):
+            raise RequestError("bad_request", f"{key}: expected an int64 tensor of token ids, got {tensors[key].dtype}")
         return tensors[key].reshape(-1).tolist()
     value = header.get(key, [])
     if not isinstance(value, list) or not all(isinstance(t, int) and t >= 0 for t in value):
@@ -92,9 +94,12 @@ class DataPlane:
 
     async def op_generate(self, conn, h, t):
         tokens = _tokens(h, t)
+        max_new = h.get("max_new_tokens", 1)
+        if not isinstance(max_new, int) or isinstance(max_new, bool):
+            raise RequestError("bad_request", f"max_new_tokens: expected an integer, got {max_new!r}")
         self.service.admit()
         try:
-            res = await self.service.generate(conn, str(h.get("session_id")), tokens, int(h.get("max_new_tokens", 1)))
+            res = await self.service.generate(conn, str(h.get("session_id")), tokens, max_new)
         finally:
             self.service.active -= 1
         body = {"kv_processed_len": res.kv_processed_len, "server_ms": res.total_ms, "queue_ms": res.queue_ms}

@@ -175,6 +175,14 @@ class DjinnService:
         return n
 
     # -- compute -------------------------------------------------------------------------
+    @staticmethod
+    def _check_tokens(entry: ModelEntry, tokens: list[int]) -> None:
+        """Refuse ids outside the vocabulary here: on a GPU they would trip a device assert."""
+        vocab = entry.loaded.model.config.vocab_size
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError("bad_request", f"tokens: id {bad} is outside the model's vocabulary (0..{vocab - 1})")
+
     def admit(self) -> None:
         if self.active >= self.config.max_concurrent:
             self.counters["requests_refused_total"] += 1
@@ -189,6 +197,7 @@ class DjinnService:
             raise RequestError("bad_request", f"session {sid} is {info.mode}: use forward, or open a full_djinn session")
         if max_new_tokens < 0:
             raise RequestError("bad_request", "max_new_tokens: must be >= 0")
+        self._check_tokens(entry, tokens)
         try:
             return await asyncio.wrap_future(entry.engine.generate(sid, tokens, max_new_tokens))
         except EngineError as exc:
@@ -196,6 +205,7 @@ class DjinnService:
 
     async def forward(self, model_id: Optional[str], tokens: list[int], past_kv=None, return_kv: bool = False):
         entry = self._model(model_id)
+        self._check_tokens(entry, tokens)
         try:
             if past_kv is not None:
                 past_kv = tuple(t.to(entry.loaded.dtype) for t in past_kv)
