@@ -98,6 +98,8 @@ def test_malformed_frames_get_an_error_reply_and_the_server_survives(djinn_serve
             c.forward([-1])
         with pytest.raises(DjinnError, match="^tokens: expected an int64 tensor"):
             c.request("forward", {"tokens": torch.ones(3)})
+        with pytest.raises(DjinnError, match=r"^k: expected a cache of shape \[2, 2, length, 16\]"):
+            c.forward([1], past_kv=(torch.zeros(2, 2, 4, 8), torch.zeros(2, 2, 4, 8)))
         assert len(s.generate([5, 6], 2)) == 2  # the session is still usable
         assert c.hello()["version"] == 1
 

@@ -206,6 +206,13 @@ class DjinnService:
     async def forward(self, model_id: Optional[str], tokens: list[int], past_kv=None, return_kv: bool = False):
         entry = self._model(model_id)
         self._check_tokens(entry, tokens)
+        if past_kv is not None:
+            shape = entry.engine.net.shape
+            want = (shape.n_layers, shape.n_kv_heads, shape.head_dim)
+            for name, t in zip("kv", past_kv):
+                if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != want or t.shape != past_kv[0].shape:
+                    raise RequestError("bad_request", f"{name}: expected a cache of shape [{want[0]}, {want[1]}, "
+                                                      f"length, {want[2]}], got {list(t.shape)}")
         try:
             if past_kv is not None:
                 past_kv = tuple(t.to(entry.loaded.dtype) for t in past_kv)
