@@ -21,7 +21,7 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
     "warmupRuns": 1,
     "stopOnOom": True,
     "emulatedDeviceMemory": "1Mi",  # keep-alive: ~2 tiny-gpt2 agents fit, like 7B agents on one A100
-    "output": {"uri": "results"},
+    "output": {"uri": "out"},
 }
 
 # flag -> (spec field, argparse kwargs); the seed scripts' flags

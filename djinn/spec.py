@@ -132,7 +132,7 @@ class ExperimentSpec(_Model):
     seed: int = 0
     djinn_server: Optional[str] = Field(None, description="host:port of a running Djinn data plane; started locally when unset")
     ray_address: Optional[str] = Field(None, description="Existing Ray cluster; a local Ray is started when unset")
-    output: OutputSpec = Field(default_factory=lambda: OutputSpec(uri="results"))
+    output: OutputSpec = Field(default_factory=lambda: OutputSpec(uri="out"))
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
 
     @field_validator("agent_counts")
