@@ -47,6 +47,7 @@ _OVERRIDES: dict[str, tuple[str, dict]] = {
 
 
 def _add_overrides(p: argparse.ArgumentParser, baselines: bool = True) -> None:
+    p.add_argument("--spec-json", default=None, help="the spec as JSON (what the operator's Jobs pass)")
     for flag, (_, kw) in _OVERRIDES.items():
         p.add_argument(flag, default=None, **kw)
     if baselines:
@@ -156,7 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="the whole experiment: every baseline in turn, then the analysis")
     run.add_argument("spec", nargs="?", help="AgentScalingExperiment YAML (default: the embedded tiny-model experiment)")
-    run.add_argument("--spec-json", default=None, help="the spec as JSON (what the operator's Jobs pass)")
     run.add_argument("--no-analyze", action="store_true", help="skip the analysis step")
     _add_overrides(run)
     run.set_defaults(func=cmd_run)
@@ -166,14 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["native_pytorch", "ray_keepalive", "ray_serverless", "djinn_agents"])
     agents.add_argument("spec", nargs="?")
     # the seed scripts' defaults: the paper's settings, not the embedded demo (no emulated memory cap)
-    agents.set_defaults(func=cmd_agents, spec_json=None, no_analyze=True, default_spec={})
+    agents.set_defaults(func=cmd_agents, no_analyze=True, default_spec={})
     _add_overrides(agents, baselines=False)
 
     decode = sub.add_parser("decode", help="Experiment 2.1: per-token latency and bytes of one decode mode")
     decode.add_argument("--backend", choices=["native", "djinn"], default="native")
     decode.add_argument("--mode", choices=["full_djinn", "partially_aware", "semantic_blind"], default="full_djinn")
     decode.add_argument("spec", nargs="?")
-    decode.set_defaults(func=cmd_decode, spec_json=None, no_analyze=True, default_spec={})
+    decode.set_defaults(func=cmd_decode, no_analyze=True, default_spec={})
     _add_overrides(decode, baselines=False)
 
     analyze = sub.add_parser("analyze", help="Figure 6, Table 2, claims.json from result documents")

@@ -86,3 +86,14 @@ def test_decode_subcommand_like_the_seed_runner(tmp_path):
     assert [r["run_id"] for r in doc["runs"]] == [1, 2] and all(r["tokens_generated"] == 3 for r in doc["runs"])
     assert doc["runs"][0]["host_to_device_mb"] > 0 and doc["runs"][0]["gpu_util_pct"] is None  # no GPU here
     assert doc["aggregates"]["mean_per_token_ms"] > 0
+
+
+def test_native_decode_from_spec_json_as_the_operator_runs_it(tmp_path):
+    spec = {"modelId": "djinn/tiny-llama", "weights": "synthetic", "device": "cpu", "runs": 1, "warmupRuns": 0,
+            "newTokens": 2, "baselines": ["native_pytorch", "full_djinn"], "output": {"uri": "s3://elsewhere/x"}}
+    out = tmp_path / "o"
+    assert main(["decode", "--backend", "native", "--spec-json", json.dumps(spec), "--output-dir", str(out)]) == 0
+    [path] = list((out / "results" / "native_pytorch").glob("*.json"))
+    doc = json.loads(path.read_text())
+    assert doc["experiment"] == "decode" and doc["n_agents"] is None and len(doc["runs"]) == 1
+    assert "_n" not in path.name  # the operator finds decode documents by the missing _n<N>

@@ -166,6 +166,9 @@ def _endpoint(exp: Experiment) -> list[str]:
 def run_command(exp: Experiment, baseline: str, n: Optional[int]) -> list[str]:
     """The same CLI as the local path, for one (baseline, N) or one decode mode."""
     fam = family(baseline)
+    if baseline == "native_pytorch" and n is None:  # the Experiment 2.1 reference: HF generate on the GPU
+        return ["djinn-bench", "decode", "--backend", "native", "--spec-json", exp.spec_json(),
+                "--output-dir", exp.results_uri, *_endpoint(exp)]
     return ["djinn-bench", "run", "--spec-json", exp.spec_json(), "--baselines", baseline,
             *(["--agent-counts", str(n)] if n is not None else []), "--output-dir", exp.results_uri,
             *_endpoint(exp), *(["--djinn-server", exp.djinn_address] if fam == "djinn" else []),

@@ -76,11 +76,16 @@ def validate(raw: Any) -> ExperimentSpec:
 
 
 def plan_runs(name: str, spec: ExperimentSpec) -> list[Run]:
-    """Every run in execution order: families native, ray, djinn; baselines in spec order; N ascending."""
+    """Every run in execution order: families native, ray, djinn; baselines in spec order; N ascending.
+    With decode modes, native_pytorch also runs the Experiment 2.1 reference (n None) first, as
+    ``djinn-bench run`` does locally."""
+    decode = any(b in DECODE_MODES for b in spec.baselines)
     runs = []
     for fam in FAMILY_ORDER:
         for b in (b.value for b in spec.baselines if family(b.value) == fam):
             counts: list[Optional[int]] = [None] if Baseline(b) in DECODE_MODES else list(spec.agent_counts)
+            if b == Baseline.native_pytorch.value and decode:
+                counts = [None, *counts]
             runs += [Run(baseline=b, n=n, job=names.run_job(name, b, n)) for n in counts]
     return runs
 

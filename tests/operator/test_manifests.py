@@ -130,3 +130,10 @@ def test_native_jobs_take_the_cuda_server_image_and_clients_the_plain_one():
     assert container(manifests.analysis_job(e))["image"] == "client:1"
     cpu = exp(cluster={"image": "client:1", "serverImage": "cuda:1", "gpu": False})
     assert container(manifests.run_job(cpu, "native_pytorch", 2))["image"] == "client:1"
+
+
+def test_native_decode_reference_job_runs_the_decode_subcommand():
+    e = exp()
+    cmd = container(manifests.run_job(e, "native_pytorch", None))["command"]
+    assert cmd[:4] == ["djinn-bench", "decode", "--backend", "native"]
+    assert cmd[cmd.index("--output-dir") + 1] == e.results_uri and "--spec-json" in cmd

@@ -94,7 +94,7 @@ def test_runs_are_planned_by_family_then_spec_order_then_n():
                                                          "native_pytorch", "ray_keepalive"], agentCounts=[4, 1]),
                          {}, NOW)
     assert [(r.baseline, r.n) for r in st.runs] == [
-        ("native_pytorch", 1), ("native_pytorch", 4), ("ray_serverless", 1), ("ray_serverless", 4),
+        ("native_pytorch", None), ("native_pytorch", 1), ("native_pytorch", 4), ("ray_serverless", 1), ("ray_serverless", 4),
         ("ray_keepalive", 1), ("ray_keepalive", 4), ("full_djinn", None), ("djinn_agents", 1), ("djinn_agents", 4)]
     assert st.results_uri == "s3://bkt/pre/lab/exp1" and st.phase == "Pending"
     assert st.children.server == "exp1-djinn-server" and st.children.ray == "exp1-ray"
@@ -103,8 +103,8 @@ def test_runs_are_planned_by_family_then_spec_order_then_n():
 def test_phased_experiment_one_job_at_a_time_with_oom_skip_and_analysis():
     sim = Sim(spec(), outcomes={"exp1-ray-keepalive-n2": "oom"})
     status = sim.run()
-    assert status["phase"] == "Succeeded" and status["progress"] == "10/10"
-    assert sim.jobs() == ["exp1-native-pytorch-n1", "exp1-native-pytorch-n2", "exp1-native-pytorch-n4",
+    assert status["phase"] == "Succeeded" and status["progress"] == "11/11"
+    assert sim.jobs() == ["exp1-native-pytorch", "exp1-native-pytorch-n1", "exp1-native-pytorch-n2", "exp1-native-pytorch-n4",
                           "exp1-ray-keepalive-n1", "exp1-ray-keepalive-n2",
                           "exp1-djinn-agents-n1", "exp1-djinn-agents-n2", "exp1-djinn-agents-n4",
                           "exp1-full-djinn", "exp1-analysis"]
