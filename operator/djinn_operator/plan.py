@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any, Optional, Union
 
 from djinn.spec import DECODE_MODES, KIND, Baseline, ExperimentSpec, SpecError, parse_spec
@@ -22,6 +23,7 @@ from .status import Analysis, Children, Current, Run, Status, set_condition
 DONE: frozenset[str] = frozenset({"Succeeded", "Failed", "OOM", "Skipped"})
 FINISHED: frozenset[str] = frozenset({"Succeeded", "Failed"})
 FAMILY_ORDER = ("native", "ray", "djinn")
+RAY_READY_DEADLINE_S = 1800  # KubeRay has no progress deadline of its own
 
 
 @dataclass(frozen=True)
@@ -184,9 +186,20 @@ def infra_actions(exp: Experiment, st: Status, obs: Observed) -> list[Action]:
     return release + create
 
 
+def _age_s(stamp: str, now: str) -> float:
+    parse = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00"))  # noqa: E731
+    return (parse(now) - parse(stamp)).total_seconds()
+
+
 def _infra_ready(exp: Experiment, fam: str, obs: Observed, st: Status, now: str) -> bool:
     if fam == "ray" and exp.ray_name:
-        return raycluster.is_ready(obs.ray)
+        if raycluster.is_ready(obs.ray):
+            return True
+        created = ((obs.ray or {}).get("metadata") or {}).get("creationTimestamp")
+        if created and _age_s(created, now) > RAY_READY_DEADLINE_S:
+            fail(st, "RayClusterNotReady", f"RayCluster {exp.ray_name} was not ready "
+                 f"{RAY_READY_DEADLINE_S} s after its creation (image pull, GPU capacity, KubeRay operator?)", now)
+        return False
     if fam == "djinn" and exp.server_name:
         state = server_state(obs.server)
         if state == "Stuck":

@@ -234,3 +234,12 @@ def test_result_key_is_the_newest_of_this_run_since_it_started():
     assert pick_key(["results/full_djinn/20261122T100100000000Z-ab.json",
                      "results/full_djinn/20261122T100200000000Z-cd_n1.json"], decode) \
         == "results/full_djinn/20261122T100100000000Z-ab.json"
+
+
+@pytest.mark.parametrize("created, failed", [("2026-11-22T09:29:00Z", True), ("2026-11-22T09:31:00Z", False)])
+def test_a_ray_head_that_never_gets_ready_fails_the_experiment(created, failed):
+    st, exp = plan.prepare("exp1", "lab", spec(baselines=["ray_keepalive"], agentCounts=[1]), {}, NOW)
+    stuck = {"metadata": {"name": exp.ray_name, "creationTimestamp": created}, "spec": {}, "status": {}}
+    st, _ = plan.advance(exp, st, plan.Observed(ray=stuck), NOW)
+    reasons = [c.reason for c in st.conditions if c.type == "Failed" and c.status == "True"]
+    assert (st.phase == "Failed") is failed and (reasons == ["RayClusterNotReady"]) is failed
