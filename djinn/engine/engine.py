@@ -62,7 +62,6 @@ class Request:
     logits: Optional[torch.Tensor] = None
     submitted: float = field(default_factory=time.perf_counter)
     admitted: Optional[float] = None
-    kv_before: int = 0
 
     @property
     def decoding(self) -> bool:
@@ -141,8 +140,7 @@ class Engine:
             raise EngineError("tokens: a forward step needs at least one token")
         s = Session(id=f"tmp-{uuid.uuid4().hex[:8]}", temporary=True, kv_len=start)
         s.history = [0] * start + list(tokens)
-        return self.submit(Request(s, list(tokens), 0, Future(), past_kv=past_kv, return_kv=return_kv,
-                                   kv_before=start))
+        return self.submit(Request(s, list(tokens), 0, Future(), past_kv=past_kv, return_kv=return_kv))
 
     def snapshot(self) -> dict:
         """Counters for /metrics (read without locking; values are ints)."""
@@ -222,7 +220,7 @@ class Engine:
             log.info("Reusing session %s (kv_processed_len=%d, new tokens=%d)", s.id, s.kv_len, len(new_tokens))
         s.busy = True
         s.history.extend(new_tokens)
-        return Request(s, s.history[s.kv_len:], max_new_tokens, fut, kv_before=s.kv_len)
+        return Request(s, s.history[s.kv_len:], max_new_tokens, fut)
 
     def _drain(self, block: bool) -> None:
         while True:
