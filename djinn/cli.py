@@ -24,7 +24,7 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
     "output": {"uri": "out"},
 }
 
-# flag -> (spec field, argparse kwargs); the seed scripts' flags
+# flag -> (spec field, argparse kwargs); the flags of the original experiment's scripts, plus ours
 _OVERRIDES: dict[str, tuple[str, dict]] = {
     "--model-id": ("modelId", {}),
     "--weights": ("weights", {"choices": ["auto", "pretrained", "synthetic"]}),
@@ -33,6 +33,9 @@ _OVERRIDES: dict[str, tuple[str, dict]] = {
     "--prompt-file": ("promptFile", {}),
     "--agent-counts": ("agentCounts", {"type": int, "nargs": "+"}),
     "--iterations": ("iterations", {"type": int}),
+    "--min-steps": ("minSteps", {"type": int, "help": "steps per N at least, in rounds of fresh agents (100 for a p99)"}),
+    "--djinn-sweep-cap": ("djinnSweepCap", {"type": int, "help": "djinn_agents: double N past --agent-counts up to "
+                                                                 "this cap, stopping at the first failure"}),
     "--new-tokens": ("newTokens", {"type": int}),
     "--sleep-seconds": ("sleepSeconds", {"type": float}),
     "--runs": ("runs", {"type": int}),
@@ -165,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     agents.add_argument("--baseline", required=True,
                         choices=["native_pytorch", "ray_keepalive", "ray_serverless", "djinn_agents"])
     agents.add_argument("spec", nargs="?")
-    # the seed scripts' defaults: the paper's settings, not the embedded demo (no emulated memory cap)
+    # the original scripts' defaults: the paper's settings, not the embedded demo (no emulated memory cap)
     agents.set_defaults(func=cmd_agents, no_analyze=True, default_spec={})
     _add_overrides(agents, baselines=False)
 

@@ -45,6 +45,7 @@ class StepRecord(BaseModel):
     """One Reason or Reflect step of one agent (Experiment 2.2)."""
 
     agent_id: int
+    round: int = Field(0, description="Which round of fresh agents (minSteps) the step belongs to")
     iteration: int
     phase: Literal["REASON", "REFLECT"]
     latency_ms: float
@@ -78,9 +79,11 @@ class ResultDocument(BaseModel):
     batch_size: int = 1
     n_agents: Optional[int] = None
     iterations: Optional[int] = None
+    rounds: Optional[int] = Field(None, description="Rounds of fresh agents pooled into this N's steps")
     sleep_seconds: Optional[float] = None
     oom: bool = False
     error: Optional[str] = None
+    traceback: Optional[str] = Field(None, description="The failure's whole traceback, remote parts included")
     backend: str = "native"
     device: str = "cpu"
     djinn_server: Optional[str] = None

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic.alias_generators import to_camel
 
 GROUP = "djinn.io"
@@ -118,12 +119,19 @@ class ExperimentSpec(_Model):
     baselines: list[Baseline] = Field(
         default_factory=lambda: list(AGENT_BASELINES), min_length=1)
     agent_counts: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32], min_length=1)
-    iterations: int = Field(1, ge=1, description="Reason->Act->Reflect cycles per agent")
+    iterations: int = Field(1, ge=1, description="Reason->Act->Reflect cycles per agent; each cycle grows the "
+                                                  "agent's history (a server session holds --max-seq-len tokens)")
+    min_steps: Optional[int] = Field(
+        None, ge=1, description="Steps to measure per N at least (100 for a p99 of real samples): each N runs "
+                                "in ceil(minSteps / (2 x N x iterations)) rounds of fresh agents; one round when unset")
     runs: int = Field(30, ge=1, description="Decode runs per mode (Experiment 2.1)")
     warmup_runs: int = Field(5, ge=0, description="Runs discarded before measuring")
     new_tokens: int = Field(50, ge=1, le=4096)
     sleep_seconds: float = Field(10.0, ge=0, description="Act phase: seconds each agent sleeps")
     stop_on_oom: bool = True
+    djinn_sweep_cap: Optional[int] = Field(
+        None, ge=1, description="djinn_agents: after agentCounts, keep doubling N up to this cap and stop at the "
+                                "first failure, so Djinn's limit is measured; unset: agentCounts only")
     gpu_per_actor: float = Field(0.01, gt=0, le=1, description="Ray keep-alive: logical GPU per actor")
     gpu_per_task: float = Field(1.0, gt=0, le=1, description="Ray serverless: logical GPU per step task "
                                                               "(1: each cold function gets the GPU to itself)")
@@ -167,6 +175,14 @@ class ExperimentSpec(_Model):
         if self.prompt is not None and self.prompt_file is not None:
             raise ValueError("give prompt or promptFile, not both")
         return self
+
+    @field_validator("djinn_sweep_cap")
+    @classmethod
+    def _sweep_cap(cls, v: Optional[int], info: ValidationInfo) -> Optional[int]:
+        largest = max(info.data.get("agent_counts") or [1])
+        if v is not None and v < largest:
+            raise ValueError(f"{v} is below the largest agent count {largest}; raise it or drop it")
+        return v
 
     @property
     def emulated_device_bytes(self) -> Optional[int]:

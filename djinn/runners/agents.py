@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Protocol
 
 from djinn.results import ResultDocument, StepRecord
-from djinn.runners.common import OBSERVATION, empty_cuda_cache, error_line, is_oom
+from djinn.runners.common import OBSERVATION, empty_cuda_cache, error_line, is_oom, traceback_text
 from djinn.spec import ExperimentSpec
 
 NEXT_TASK = "Next task: plan the following step and explain it."
@@ -49,21 +49,31 @@ class AgentWorkload:
 
 
 def run_agents(backend: AgentBackend, n: int, spec: ExperimentSpec, work: AgentWorkload,
-               doc: ResultDocument) -> ResultDocument:
-    """Run ``n`` agents for ``spec.iterations`` cycles; OOM anywhere is recorded, not raised."""
-    doc.n_agents, doc.iterations, doc.sleep_seconds = n, spec.iterations, spec.sleep_seconds
+               doc: ResultDocument, rounds: int = 1) -> ResultDocument:
+    """Run ``n`` agents for ``spec.iterations`` cycles, ``rounds`` times with fresh agents.
+
+    A failure anywhere ends the run and is recorded, not raised: ``oom`` from the exception's
+    type, ``error`` one line, ``traceback`` all of it; steps measured before it are kept.
+    """
+    doc.n_agents, doc.iterations, doc.sleep_seconds, doc.rounds = n, spec.iterations, spec.sleep_seconds, rounds
     steps: list[StepRecord] = []
+    t0 = time.perf_counter()
+    try:
+        for r in range(rounds):
+            _run_round(backend, n, r, spec, work, steps, t0)
+    except Exception as exc:
+        doc.oom, doc.error, doc.traceback = is_oom(exc), error_line(exc), traceback_text(exc)
+    doc.steps = sorted(steps, key=lambda s: (s.started_at_s, s.agent_id))
+    return doc
+
+
+def _run_round(backend: AgentBackend, n: int, rnd: int, spec: ExperimentSpec, work: AgentWorkload,
+               steps: list[StepRecord], t0: float) -> None:
+    """One round: set up ``n`` fresh agents, run them from a barrier, tear down; raises the first failure."""
     errors: list[BaseException] = []
     lock = threading.Lock()
-    try:
-        backend.setup(n)
-    except Exception as exc:
-        if not is_oom(exc):
-            raise
-        doc.oom, doc.error = True, error_line(exc)
-        return doc
+    backend.setup(n)
     barrier = threading.Barrier(n)
-    t0 = time.perf_counter()
 
     def agent(i: int) -> None:
         try:
@@ -75,13 +85,13 @@ def run_agents(backend: AgentBackend, n: int, spec: ExperimentSpec, work: AgentW
                     out = backend.step(i, new, spec.new_tokens)
                     end = time.perf_counter()
                     with lock:
-                        steps.append(StepRecord(agent_id=i, iteration=it, phase=phase,
+                        steps.append(StepRecord(agent_id=i, round=rnd, iteration=it, phase=phase,
                                                 latency_ms=(end - start) * 1e3, input_tokens=out.input_tokens,
                                                 new_tokens=len(out.tokens), kv_processed_len=out.kv_processed_len,
                                                 started_at_s=start - t0))
                     if phase == "REASON":
                         time.sleep(spec.sleep_seconds)  # Act: the agent waits on its tool
-        except BaseException as exc:  # recorded below; one agent's failure must not hang the others
+        except BaseException as exc:  # raised below; one agent's failure must not hang the others
             barrier.abort()
             with lock:
                 errors.append(exc)
@@ -92,13 +102,9 @@ def run_agents(backend: AgentBackend, n: int, spec: ExperimentSpec, work: AgentW
     for t in threads:
         t.join()
     backend.teardown()
-    doc.steps = sorted(steps, key=lambda s: (s.started_at_s, s.agent_id))
     real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
     if real:
-        if not any(is_oom(e) for e in real):
-            raise real[0]
-        doc.oom, doc.error = True, error_line(next(e for e in real if is_oom(e)))
-    return doc
+        raise next((e for e in real if is_oom(e)), real[0])
 
 
 class NativeBackend:

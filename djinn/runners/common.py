@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -34,20 +35,61 @@ def empty_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
+class ReportedFailure(Exception):
+    """A failure another process caught and sent back as data: whether it was an
+    out-of-memory error was decided there, from the exception's type."""
+
+    def __init__(self, oom: bool, line: str, traceback_text: str):
+        super().__init__(line)
+        self.oom, self.line, self.traceback_text = oom, line, traceback_text
+
+    def __reduce__(self):
+        return type(self), (self.oom, self.line, self.traceback_text)
+
+
+def cause_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: ``raise ... from`` causes and Ray's ``RayTaskError.cause``.
+    Not ``__context__``: an error raised while handling an OOM is that error, not an OOM."""
+    chain: list[BaseException] = []
+    while isinstance(exc, BaseException) and all(exc is not c for c in chain):
+        chain.append(exc)
+        wrapped = getattr(exc, "cause", None)
+        exc = wrapped if isinstance(wrapped, BaseException) else exc.__cause__
+    return chain
+
+
+def _oom_link(exc: BaseException) -> bool:
+    from djinn.client import DjinnError
+
+    if isinstance(exc, ReportedFailure):
+        return exc.oom
+    if isinstance(exc, DjinnError):
+        return exc.code == "out_of_memory"  # the Djinn server's own out-of-memory refusal
+    # torch.OutOfMemoryError is CUDA's (torch.cuda.OutOfMemoryError) and the emulated ledger's
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+
+
 def is_oom(exc: BaseException) -> bool:
-    """True for a real device/host out-of-memory error (CUDA, the emulated cap, or MemoryError)."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(exc)
-    return "CUDA out of memory" in text or "OutOfMemoryError" in text or "out of memory" in text.lower()
+    """True when ``exc`` or what it wraps is an out-of-memory error, judged by type, never by text."""
+    return any(_oom_link(e) for e in cause_chain(exc))
 
 
 def error_line(exc: BaseException) -> str:
-    """One line for a result's ``error``: the out-of-memory line when the text has one
-    (Ray wraps an actor's OOM in its own traceback), else the first line."""
-    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
-    oom = [l for l in lines if "out of memory" in l.lower()]
-    return f"{type(exc).__name__}: {(oom or lines or [''])[0]}"[:500]
+    """One line for a result's ``error``: the out-of-memory exception of the chain when there
+    is one, else the innermost cause (Ray's wrapper's own first line names only the actor)."""
+    chain = cause_chain(exc)
+    link = next((e for e in reversed(chain) if _oom_link(e)), chain[-1])
+    if isinstance(link, ReportedFailure):
+        return link.line[:500]
+    lines = [l.strip() for l in str(link).splitlines() if l.strip()]
+    return f"{type(link).__name__}: {lines[0] if lines else ''}"[:500]
+
+
+def traceback_text(exc: BaseException) -> str:
+    """The whole traceback, remote parts included (a ReportedFailure carries the remote one)."""
+    here = "".join(traceback.format_exception(exc))
+    remote = next((e.traceback_text for e in cause_chain(exc) if isinstance(e, ReportedFailure)), "")
+    return f"{remote}\nReported to the driver as:\n{here}" if remote else here
 
 
 def write_result(spec: ExperimentSpec, doc: ResultDocument) -> str:

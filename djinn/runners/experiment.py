@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from djinn.results import ResultDocument
-from djinn.runners.common import empty_cuda_cache, error_line, is_oom, prompt_text, say, write_result
+from djinn.runners.common import (empty_cuda_cache, error_line, is_oom, prompt_text, say, traceback_text,
+                                  write_result)
 from djinn.spec import AGENT_BASELINES, DECODE_MODES, RAY_BASELINES, Baseline, ExperimentSpec
 
 SERVER_BASELINES = {Baseline.djinn_agents, *DECODE_MODES}
@@ -147,28 +148,32 @@ def _agent_backend(spec: ExperimentSpec, task: Task, res: Resources):
 
 
 def _run_agents(spec: ExperimentSpec, task: Task, res: Resources, work) -> list[str]:
+    from djinn.runners import plan
     from djinn.runners.agents import run_agents
 
     written = []
-    for n in spec.agent_counts:
+    for n in plan.agent_counts(spec, task.baseline):
         doc = _document(spec, task, len(work.prompt), "", res.tag)
         try:
             backend = _agent_backend(spec, task, res)
             doc.backend = backend.backend
             doc.djinn_server = res.server_address() if task.baseline == Baseline.djinn_agents else None
-            run_agents(backend, n, spec, work, doc)
+            run_agents(backend, n, spec, work, doc, plan.rounds(spec, n))
         except Exception as exc:
             if not is_oom(exc):
                 raise
-            doc.oom, doc.error = True, error_line(exc)
+            doc.oom, doc.error, doc.traceback = True, error_line(exc), traceback_text(exc)
         doc.finalize()
         a = doc.aggregates
-        say(f"{task.baseline.value} N={n}: " + ("OOM" if doc.oom else
-            f"p50 {a.p50_ms:.1f} ms, p99 {a.p99_ms:.1f} ms (reason p50 {a.reason_p50_ms:.1f}, "
-            f"reflect p50 {a.reflect_p50_ms:.1f})") + (f" [{doc.error}]" if doc.error else ""))
+        say(f"{task.baseline.value} N={n}: " + ("OOM" if doc.oom else "failed" if doc.error else
+            f"{len(doc.steps)} steps, p50 {a.p50_ms:.1f} ms, p99 {a.p99_ms:.1f} ms (reason p50 "
+            f"{a.reason_p50_ms:.1f}, reflect p50 {a.reflect_p50_ms:.1f})") + (f" [{doc.error}]" if doc.error else ""))
         written.append(write_result(spec, doc))
         if doc.oom and spec.stop_on_oom:
             say(f"{task.baseline.value}: out of memory at N={n}; --stop-on-oom skips larger N")
+            break
+        if doc.error and plan.stops_at_first_failure(spec, task.baseline):
+            say(f"{task.baseline.value}: first failure at N={n}; the sweep stops here")
             break
     return written
 

@@ -3,9 +3,9 @@
 
 Keep-alive actors ask for ``gpu_per_actor`` (0.01) of a GPU so Ray's scheduler
 never queues them: they all land on the device and contend for its memory for
-real. Out-of-memory inside an actor, the real CUDA one or the emulated cap's
-``torch.OutOfMemoryError``, goes through the same ``except`` and comes back as
-``{"oom": True}``.
+real. An actor reports any failure as data: ``oom`` decided there from the type of
+the exception it caught (CUDA's ``torch.OutOfMemoryError`` or the emulated cap's),
+the error line and the whole traceback; the driver raises it as a ``ReportedFailure``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import ray
 import torch
 
 from djinn.runners.agents import StepOutcome
-from djinn.runners.common import empty_cuda_cache, error_line, is_oom
+from djinn.runners.common import ReportedFailure, empty_cuda_cache, error_line, is_oom, traceback_text
 from djinn.runners.hf_agent import CachedAgent, ModelRef, cache_bytes, greedy, warm_up
 
 
@@ -78,11 +78,11 @@ class KeepAliveAgent:
         try:
             return {"ok": True, "value": fn()}
         except Exception as exc:
-            if not is_oom(exc):
-                raise
-            self.agent = None
-            empty_cuda_cache()
-            return {"oom": True, "error": error_line(exc)}
+            oom = is_oom(exc)
+            if oom:
+                self.agent = None
+                empty_cuda_cache()
+            return {"ok": False, "oom": oom, "error": error_line(exc), "traceback": traceback_text(exc)}
 
     def load(self) -> dict:
         def run():
@@ -102,9 +102,17 @@ class KeepAliveAgent:
         return self._guard(run)
 
 
+def _get(refs):
+    """``ray.get``; Ray's memory monitor killing a worker (ray.exceptions.OutOfMemoryError) is an OOM too."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.OutOfMemoryError as exc:
+        raise ReportedFailure(True, error_line(exc), traceback_text(exc)) from exc
+
+
 def _unwrap(reply: dict):
-    if reply.get("oom"):
-        raise torch.OutOfMemoryError(reply["error"])
+    if not reply["ok"]:
+        raise ReportedFailure(reply["oom"], reply["error"], reply["traceback"])
     return reply["value"]
 
 
@@ -123,14 +131,14 @@ class RayKeepAliveBackend:
         self.actors = [KeepAliveAgent.options(num_gpus=gpus, num_cpus=0).remote(self.ref, i, self.ledger)
                        for i in range(n)]
         try:  # all load at once, like N tenants arriving together
-            for reply in ray.get([a.load.remote() for a in self.actors]):
+            for reply in _get([a.load.remote() for a in self.actors]):
                 _unwrap(reply)
         except BaseException:
             self.teardown()
             raise
 
     def step(self, agent: int, new_tokens: list[int], max_new_tokens: int) -> StepOutcome:
-        out, before = _unwrap(ray.get(self.actors[agent].step.remote(new_tokens, max_new_tokens)))
+        out, before = _unwrap(_get(self.actors[agent].step.remote(new_tokens, max_new_tokens)))
         return StepOutcome(out, len(new_tokens), before)
 
     def teardown(self) -> None:
@@ -164,7 +172,7 @@ class RayServerlessBackend:
 
     def step(self, agent: int, new_tokens: list[int], max_new_tokens: int) -> StepOutcome:
         history = self.histories[agent] + list(new_tokens)
-        out = ray.get(serverless_step.options(num_gpus=self.gpus).remote(self.ref, history, max_new_tokens))
+        out = _get(serverless_step.options(num_gpus=self.gpus).remote(self.ref, history, max_new_tokens))
         self.histories[agent] = history + out
         return StepOutcome(out, len(history), 0)
 
