@@ -1,7 +1,8 @@
 """Atomic result storage on a local directory or under an S3 prefix.
 
-Writes never leave half a file: locally a temp file is renamed into place, on S3
-a single PUT is atomic. ``overwrite=False`` refuses to replace an existing key.
+Writes never leave half a file: locally a temp file is hard-linked into place, on S3
+a single PUT is atomic. ``overwrite=False`` refuses to replace an existing key, atomically:
+locally the link fails if the name exists, on S3 the PUT carries ``If-None-Match: *``.
 """
 from __future__ import annotations
 
@@ -77,15 +78,15 @@ class S3Store:
 
     def put_bytes(self, key: str, data: bytes, overwrite: bool = False) -> str:
         full = self._key(key)
-        if not overwrite:
-            try:
-                self.client.head_object(Bucket=self.bucket, Key=full)
-                raise KeyExists(f"s3://{self.bucket}/{full} exists; refusing to overwrite it")
-            except self.client.exceptions.ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
-                    raise
         ctype = "application/json" if key.endswith(".json") else "application/octet-stream"
-        self.client.put_object(Bucket=self.bucket, Key=full, Body=data, ContentType=ctype)
+        # a conditional PUT: S3 itself refuses an existing key, so two writers cannot both win
+        cond = {} if overwrite else {"IfNoneMatch": "*"}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=full, Body=data, ContentType=ctype, **cond)
+        except self.client.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise KeyExists(f"s3://{self.bucket}/{full} exists; refusing to overwrite it") from None
+            raise
         return f"s3://{self.bucket}/{full}"
 
     def get_bytes(self, key: str) -> bytes:

@@ -40,3 +40,22 @@ def test_s3_store_through_moto(s3_endpoint, s3_bucket):
         put_json(store, key, _doc())
     assert store.list("results/") == [key]
     assert json.loads(store.get_bytes(key))["aggregates"]["p50_ms"] == 10.0
+
+
+def test_s3_write_racing_another_writer_never_overwrites(s3_endpoint, s3_bucket):
+    """Another writer stores the same key just before our PUT leaves (after any check we could
+    make): the PUT must be refused and the other writer's bytes stay."""
+    store = open_store(f"s3://{s3_bucket}/race", endpoint_url=s3_endpoint)
+    rival = open_store(f"s3://{s3_bucket}/race", endpoint_url=s3_endpoint)
+    key = result_key("djinn_agents", 8)
+
+    def rival_writes_first(**_):
+        store.client.meta.events.unregister("before-call.s3.PutObject", rival_writes_first)
+        rival.put_bytes(key, b'{"writer": "rival"}')
+
+    store.client.meta.events.register("before-call.s3.PutObject", rival_writes_first)
+    with pytest.raises(KeyExists):
+        store.put_bytes(key, b'{"writer": "us"}')
+    assert json.loads(store.get_bytes(key)) == {"writer": "rival"}
+    store.put_bytes(key, b'{"writer": "us"}', overwrite=True)  # analysis artifacts may be replaced
+    assert json.loads(store.get_bytes(key)) == {"writer": "us"}
