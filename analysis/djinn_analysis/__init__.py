@@ -6,7 +6,7 @@ directory or ``s3://bucket/prefix`` and writes the artifacts under
 
 - :mod:`djinn_analysis.load`    read and select result documents (thin I/O)
 - :mod:`djinn_analysis.tables`  CSV rows and Table 2 (pure)
-- :mod:`djinn_analysis.claims`  the seed README's claims (pure)
+- :mod:`djinn_analysis.claims`  the experiment's claims, PASS/FAIL/N/A (pure)
 - :mod:`djinn_analysis.figures` Figure 6 and the decode-mode plot (PNG/PDF bytes)
 - :mod:`djinn_analysis.report`  ``analyze()``: wires the above to a store
 """

@@ -1,13 +1,17 @@
-"""Pure functions: Table 2 rows -> the seed README's claims, each PASS, FAIL or N/A.
+"""Pure functions: Table 2 rows -> the experiment's claims, each PASS, FAIL or N/A.
 
-Every claim carries the numbers it was computed from (``inputs``) and a one-line
-``reason``.  Missing data gives ``N/A`` with ``value: null``, never a made-up number.
+The claims are those the Djinn paper makes for its agent-scaling experiment (20x tenant
+density over Ray keep-alive, 10x lower p99 than Ray serverless, Reflect 5-20x faster than
+Reason) and the original experiment's acceptance bounds at N=32 (Djinn p99 < 200 ms,
+serverless p99 > 5000 ms). Every claim carries the numbers it was computed from
+(``inputs``) and a one-line ``reason``. Missing data gives ``N/A`` with ``value: null``,
+never a made-up number; a bound that cannot decide the claim is N/A too.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-from .tables import Table2Row, summaries
+from .tables import MIN_P99_STEPS, BaselineSummary, Table2Row, summaries
 
 PASS, FAIL, NA = "PASS", "FAIL", "N/A"
 
@@ -15,7 +19,7 @@ DJINN, KEEPALIVE, SERVERLESS = "djinn_agents", "ray_keepalive", "ray_serverless"
 DENSITY_MIN = 20.0            # "20x density"
 LATENCY_RATIO_MIN = 10.0      # "10x latency"
 REFLECT_EXPECTED = (5.0, 20.0)  # "REFLECT latency ~5-20x faster than REASON"
-CHECK_N = 32                  # validation checklist: "scales to N=32"
+CHECK_N = 32                  # the acceptance bounds are stated at N=32
 DJINN_P99_MAX_MS = 200.0      # "Djinn ... latency stays <200ms"
 SERVERLESS_P99_MIN_MS = 5000.0  # "Ray Serverless ... latency grows >5000ms"
 
@@ -30,43 +34,70 @@ def _by(rows: list[Table2Row], baseline: str) -> dict[int, Table2Row]:
     return {r.n_agents: r for r in rows if r.baseline == baseline}
 
 
+def _limit(s: BaselineSummary, needs_oom: bool) -> tuple[Optional[int], bool, dict]:
+    """(largest N without failure, whether that limit was measured, inputs).
+
+    Measured means a larger N failed. For keep-alive only an out-of-memory failure measures
+    its memory limit; any failure measures Djinn's (counting it can only lower the ratio)."""
+    f = s.first_failure
+    measured = f is not None and (f.oom or not needs_oom)
+    largest = s.largest_n_before_failure
+    return largest, measured, {
+        "largest_n_without_failure": largest, "tested_n": list(s.tested_n),
+        "first_failure_n": f.n_agents if f else None,
+        "first_failure": f"{f.status}: {f.error}" if f and f.error else (f.status if f else None),
+        "limit": "measured" if measured else f"capped at N={largest if f else max(s.tested_n)}"}
+
+
 def tenant_density(rows: list[Table2Row]) -> dict:
-    text = "Djinn hosts >= 20x more concurrent agents than Ray Keep-Alive before running out of memory"
+    text = ("Djinn hosts >= 20x more concurrent agents than Ray Keep-Alive: Djinn's largest N without "
+            "failure over keep-alive's largest N without running out of memory")
     thr = f">= {DENSITY_MIN:g}"
     s = summaries(rows)
-    dj, ka = s.get(DJINN), s.get(KEEPALIVE)
-    inputs = {
-        "djinn_agents_max_n_without_oom": dj and dj.max_n_without_oom,
-        "djinn_agents_first_oom_n": dj and dj.first_oom_n,
-        "djinn_agents_tested_n": list(dj.tested_n) if dj else [],
-        "ray_keepalive_max_n_without_oom": ka and ka.max_n_without_oom,
-        "ray_keepalive_first_oom_n": ka and ka.first_oom_n,
-        "ray_keepalive_tested_n": list(ka.tested_n) if ka else [],
-    }
-    missing = [b for b, x in ((DJINN, dj), (KEEPALIVE, ka)) if x is None]
+    missing = [b for b in (DJINN, KEEPALIVE) if b not in s]
     if missing:
         return _claim("tenant_density", text, NA, None, thr,
-                      f"no agent-scaling results for {', '.join(missing)}", inputs)
-    if ka.max_n_without_oom is None:
+                      f"no agent-scaling results for {', '.join(missing)}", {})
+    dj_n, dj_measured, dj_in = _limit(s[DJINN], needs_oom=False)
+    ka_n, ka_measured, ka_in = _limit(s[KEEPALIVE], needs_oom=True)
+    capped = [b for b, m in ((DJINN, dj_measured), (KEEPALIVE, ka_measured)) if not m]
+    inputs = {DJINN: dj_in, KEEPALIVE: ka_in, "capped": capped}
+    if not ka_n:
         return _claim("tenant_density", text, NA, None, thr,
-                      "ray_keepalive completed no N (failed at every tested N); density undefined", inputs)
-    dj_n = dj.max_n_without_oom or 0
-    ratio = dj_n / ka.max_n_without_oom
-    formula = f"{dj_n} / {ka.max_n_without_oom} = {ratio:.2f}"
-    if ka.first_oom_n is None:
+                      "ray_keepalive completed no N; density undefined", inputs)
+    ratio = (dj_n or 0) / ka_n
+    formula = f"{dj_n or 0} / {ka_n} = {ratio:.2f}"
+    f = s[KEEPALIVE].first_failure
+    if f is not None and not f.oom:
+        ka_note = f"ray_keepalive's first failure (N={f.n_agents}) was not out-of-memory, so its limit is not measured"
+    else:
+        ka_note = f"ray_keepalive did not run out of memory up to N={max(s[KEEPALIVE].tested_n)}"
+    dj_note = f"djinn_agents did not fail up to N={max(s[DJINN].tested_n)}"
+    if not capped:
+        ok = ratio >= DENSITY_MIN
+        return _claim("tenant_density", text, PASS if ok else FAIL, ratio, thr,
+                      f"{formula} {'>=' if ok else '<'} {DENSITY_MIN:g}, both limits measured", inputs)
+    if capped == [DJINN]:  # a lower bound: it can prove the claim, not refute it
+        inputs["density_lower_bound"] = ratio
+        if ratio >= DENSITY_MIN:
+            return _claim("tenant_density", text, PASS, ratio, thr,
+                          f"{formula} >= {DENSITY_MIN:g} although {dj_note} (a lower bound)", inputs)
+        return _claim("tenant_density", text, NA, None, thr,
+                      f"density >= {formula}, a lower bound: {dj_note}; sweep Djinn further (djinnSweepCap)", inputs)
+    if capped == [KEEPALIVE]:  # an upper bound: it can refute the claim, not prove it
         inputs["density_upper_bound"] = ratio
         if ratio < DENSITY_MIN:
             return _claim("tenant_density", text, FAIL, ratio, thr,
-                          f"{formula} < {DENSITY_MIN:g} even though ray_keepalive never ran out of memory "
-                          f"(so this is an upper bound)", inputs)
+                          f"{formula} < {DENSITY_MIN:g} even as an upper bound: {ka_note}", inputs)
         return _claim("tenant_density", text, NA, None, thr,
-                      f"ray_keepalive never ran out of memory up to N={max(ka.tested_n)}; its capacity is "
-                      f"unknown, so density is only bounded above by {formula}; test larger N", inputs)
-    note = "" if dj.first_oom_n is not None else \
-        f" (Djinn did not run out of memory up to N={max(dj.tested_n)}: a lower bound)"
-    ok = ratio >= DENSITY_MIN
-    return _claim("tenant_density", text, PASS if ok else FAIL, ratio, thr,
-                  f"{formula} {'>=' if ok else '<'} {DENSITY_MIN:g}{note}", inputs)
+                      f"density <= {formula}, an upper bound: {ka_note}; test larger N", inputs)
+    return _claim("tenant_density", text, NA, None, thr,
+                  f"neither limit measured ({dj_note}; {ka_note}); {formula} bounds nothing", inputs)
+
+
+def _thin(per_n: list[dict], key: str) -> str:
+    thin = [x["n_agents"] for x in per_n if x[key] < MIN_P99_STEPS]
+    return f"; p99 from fewer than {MIN_P99_STEPS} steps at N={', '.join(map(str, thin))}" if thin else ""
 
 
 def latency_ratio(rows: list[Table2Row]) -> dict:
@@ -81,7 +112,7 @@ def latency_ratio(rows: list[Table2Row]) -> dict:
                              "djinn_agents": b.status if b else "not run"})
             continue
         per_n.append({"n_agents": n, "ray_serverless_p99_ms": a.p99_ms, "djinn_agents_p99_ms": b.p99_ms,
-                      "ratio": a.p99_ms / b.p99_ms})
+                      "ratio": a.p99_ms / b.p99_ms, "min_steps": min(a.steps, b.steps)})
     inputs = {"per_n": per_n, "excluded_n": excluded}
     if not per_n:
         return _claim("latency_ratio", text, NA, None, thr,
@@ -91,13 +122,14 @@ def latency_ratio(rows: list[Table2Row]) -> dict:
     failing = [x["n_agents"] for x in per_n if x["ratio"] < LATENCY_RATIO_MIN]
     reason = (f"smallest ratio {worst['ratio']:.2f} at N={worst['n_agents']} over N="
               f"{', '.join(str(x['n_agents']) for x in per_n)}"
-              + ("" if ok else f"; below {LATENCY_RATIO_MIN:g} at N={', '.join(map(str, failing))}"))
+              + ("" if ok else f"; below {LATENCY_RATIO_MIN:g} at N={', '.join(map(str, failing))}")
+              + _thin(per_n, "min_steps"))
     return _claim("latency_ratio", text, PASS if ok else FAIL, worst["ratio"], thr, reason, inputs)
 
 
 def reflect_speedup(rows: list[Table2Row]) -> dict:
     text = ("Djinn REFLECT is faster than REASON (KV-cache reuse): REASON p50 / REFLECT p50 > 1 at every N; "
-            f"seed expects {REFLECT_EXPECTED[0]:g}-{REFLECT_EXPECTED[1]:g}x")
+            f"the paper expects {REFLECT_EXPECTED[0]:g}-{REFLECT_EXPECTED[1]:g}x")
     thr = "> 1 at every N"
     per_n = []
     for n, r in sorted(_by(rows, DJINN).items()):
@@ -123,7 +155,7 @@ def _p99_at(rows, baseline, cid, text, limit, below: bool) -> dict:
     thr = f"p99 {'<' if below else '>'} {limit:g} ms at N={CHECK_N}"
     r = _by(rows, baseline).get(CHECK_N)
     inputs = {"baseline": baseline, "n_agents": CHECK_N, "status": r.status if r else "not run",
-              "p99_ms": r.p99_ms if r else None, "limit_ms": limit}
+              "p99_ms": r.p99_ms if r else None, "steps": r.steps if r else 0, "limit_ms": limit}
     if r is None:
         return _claim(cid, text, NA, None, thr, f"{baseline} was not run at N={CHECK_N}", inputs)
     if not r.ok:
@@ -131,7 +163,8 @@ def _p99_at(rows, baseline, cid, text, limit, below: bool) -> dict:
     ok = r.p99_ms < limit if below else r.p99_ms > limit
     op = ("<" if ok else ">=") if below else (">" if ok else "<=")
     return _claim(cid, text, PASS if ok else FAIL, r.p99_ms, thr,
-                  f"p99 {r.p99_ms:.1f} ms {op} {limit:g} ms at N={CHECK_N}", inputs)
+                  f"p99 {r.p99_ms:.1f} ms {op} {limit:g} ms at N={CHECK_N}"
+                  + _thin([{"n_agents": CHECK_N, "steps": r.steps}], "steps"), inputs)
 
 
 def djinn_p99_at_32(rows: list[Table2Row]) -> dict:
@@ -145,7 +178,7 @@ def serverless_p99_at_32(rows: list[Table2Row]) -> dict:
 
 
 def evaluate(rows: list[Table2Row]) -> list[dict]:
-    """All claims, in the order the seed README states them."""
+    """All claims, in the order the original experiment states them."""
     return [tenant_density(rows), latency_ratio(rows), reflect_speedup(rows),
             djinn_p99_at_32(rows), serverless_p99_at_32(rows)]
 

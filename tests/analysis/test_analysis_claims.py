@@ -17,11 +17,14 @@ def test_seed_claims_pass_at_n32():
     # keep-alive fits one agent (OOM at N=2); Djinn and serverless reach N=32
     c = claims_of(scaling_docs(ns=(1, 2, 4, 8, 16, 32), keepalive_oom_at=2))
     d = c["tenant_density"]
+    # Djinn never failed: 32 / 1 is a lower bound, and a lower bound >= 20 proves the claim
     assert d["status"] == "PASS" and d["value"] == pytest.approx(32.0)
-    assert d["inputs"]["djinn_agents_max_n_without_oom"] == 32
-    assert d["inputs"]["ray_keepalive_max_n_without_oom"] == 1
-    assert d["inputs"]["ray_keepalive_first_oom_n"] == 2
-    assert "lower bound" in d["reason"]
+    assert d["inputs"]["djinn_agents"]["largest_n_without_failure"] == 32
+    assert d["inputs"]["djinn_agents"]["limit"] == "capped at N=32"
+    assert d["inputs"]["ray_keepalive"]["largest_n_without_failure"] == 1
+    assert d["inputs"]["ray_keepalive"]["first_failure_n"] == 2
+    assert d["inputs"]["ray_keepalive"]["limit"] == "measured"
+    assert d["inputs"]["capped"] == ["djinn_agents"] and "lower bound" in d["reason"]
 
     lat = c["latency_ratio"]
     assert lat["status"] == "PASS"
@@ -45,11 +48,36 @@ def test_seed_claims_pass_at_n32():
     assert c["serverless_p99_n32"]["status"] == "PASS" and c["serverless_p99_n32"]["value"] > 5000
 
 
-def test_density_fails_when_djinn_only_reaches_8():
-    c = claims_of(scaling_docs())  # keep-alive OOM at 4 -> max 2; Djinn max 8
+def test_density_lower_bound_below_20_decides_nothing():
+    c = claims_of(scaling_docs())  # keep-alive OOM at 4 -> 2 measured; Djinn capped at 8
     d = c["tenant_density"]
-    assert d["status"] == "FAIL" and d["value"] == pytest.approx(4.0)
-    assert "8 / 2" in d["reason"]
+    assert d["status"] == "N/A" and d["value"] is None
+    assert d["inputs"]["density_lower_bound"] == pytest.approx(4.0) and d["inputs"]["capped"] == ["djinn_agents"]
+    assert "8 / 2" in d["reason"] and "djinnSweepCap" in d["reason"]
+
+
+@pytest.mark.parametrize("failure", [{"oom": True, "error": "DjinnError: out of KV memory"},
+                                     {"error": "ConcurrencyLimitExceeded: 65 active requests >= 64 limit"}])
+def test_density_measured_on_both_sides(failure):
+    # a swept Djinn that fails at 16, for any reason, has a measured limit of 8
+    docs = scaling_docs() + [agent_doc("djinn_agents", 16, 0, 0, **failure)]
+    d = claims_of(docs)["tenant_density"]
+    assert d["status"] == "FAIL" and d["value"] == pytest.approx(4.0) and d["inputs"]["capped"] == []
+    assert d["inputs"]["djinn_agents"]["first_failure_n"] == 16 and "both limits measured" in d["reason"]
+    docs = scaling_docs(ns=(1, 2, 4, 8, 16, 32, 64), keepalive_oom_at=2) + [agent_doc("djinn_agents", 128, 0, 0, **failure)]
+    d = claims_of(docs)["tenant_density"]
+    assert d["status"] == "PASS" and d["value"] == pytest.approx(64.0)
+
+
+def test_keepalive_failure_that_is_not_an_oom_does_not_measure_its_limit():
+    docs = [d for d in scaling_docs(keepalive_oom_at=None) if not (d.baseline == "ray_keepalive" and d.n_agents == 8)]
+    docs += [agent_doc("ray_keepalive", 8, 0, 0, error="ModuleNotFoundError: No module named 'x'"),
+             agent_doc("djinn_agents", 16, 0, 0, oom=True, error="out of memory")]
+    d = claims_of(docs)["tenant_density"]
+    ka = d["inputs"]["ray_keepalive"]
+    assert ka["limit"] == "capped at N=4" and ka["first_failure"].startswith("error: ModuleNotFoundError")
+    assert d["inputs"]["capped"] == ["ray_keepalive"] and "not out-of-memory" in d["reason"]
+    assert d["status"] == "FAIL" and d["inputs"]["density_upper_bound"] == pytest.approx(2.0)
 
 
 def test_latency_ratio_fails_at_one_n():
@@ -88,11 +116,28 @@ def test_missing_data_is_na_without_numbers():
 
 
 def test_density_when_keepalive_never_ooms():
-    # capacity unknown: a ratio >= 20 cannot be claimed ...
+    # keep-alive's capacity unknown: an upper bound >= 20 cannot be claimed ...
     docs = [agent_doc("ray_keepalive", 1, 80, 70)] + [agent_doc("djinn_agents", n, 100, 10) for n in (1, 32)]
+    docs.append(agent_doc("djinn_agents", 64, 0, 0, error="ConcurrencyLimitExceeded"))
     d = claims_of(docs)["tenant_density"]
     assert d["status"] == "N/A" and d["value"] is None and d["inputs"]["density_upper_bound"] == 32
+    assert d["inputs"]["capped"] == ["ray_keepalive"] and "upper bound" in d["reason"]
     # ... but a ratio below 20 is a FAIL even as an upper bound
     docs = [agent_doc("ray_keepalive", 2, 80, 70)] + [agent_doc("djinn_agents", n, 100, 10) for n in (1, 8)]
+    docs.append(agent_doc("djinn_agents", 16, 0, 0, oom=True, error="out of memory"))
     d = claims_of(docs)["tenant_density"]
     assert d["status"] == "FAIL" and d["value"] == pytest.approx(4.0)
+    # neither side failed: the ratio bounds nothing
+    docs = [agent_doc("ray_keepalive", 2, 80, 70), agent_doc("djinn_agents", 64, 100, 10)]
+    d = claims_of(docs)["tenant_density"]
+    assert d["status"] == "N/A" and d["inputs"]["capped"] == ["djinn_agents", "ray_keepalive"]
+    assert "neither limit measured" in d["reason"]
+
+
+def test_p99_claims_say_when_their_p99_rests_on_few_steps():
+    c = claims_of([agent_doc("djinn_agents", 32, 100, 10), agent_doc("ray_serverless", 32, 6000, 5500)])
+    assert "fewer than 100 steps at N=32" in c["djinn_p99_n32"]["reason"]
+    assert c["djinn_p99_n32"]["inputs"]["steps"] == 64
+    assert "fewer than 100 steps at N=32" in c["latency_ratio"]["reason"]
+    c = claims_of([agent_doc("djinn_agents", 32, 100, 10, iterations=2), agent_doc("ray_serverless", 32, 6000, 5500, iterations=2)])
+    assert "fewer than" not in c["djinn_p99_n32"]["reason"] and "fewer than" not in c["latency_ratio"]["reason"]

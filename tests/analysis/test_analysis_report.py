@@ -36,10 +36,11 @@ def test_analyze_writes_all_artifacts(tmp_path):
     claims = json.loads((tmp_path / "analysis" / "claims.json").read_text())
     assert claims["skipped_files"] == ["results/djinn_agents/broken.json"]
     by_id = {c["id"]: c for c in claims["claims"]}
-    assert by_id["tenant_density"]["status"] == "FAIL" and by_id["tenant_density"]["value"] == pytest.approx(4)
+    # Djinn never failed up to N=8: 8 / 2 is a lower bound below 20, which decides nothing
+    assert by_id["tenant_density"]["status"] == "N/A" and by_id["tenant_density"]["value"] is None
     assert by_id["latency_ratio"]["status"] == "PASS"
     assert by_id["djinn_p99_n32"]["status"] == "N/A"
-    assert claims["summary"] == {"PASS": 2, "FAIL": 1, "N/A": 2}
+    assert claims["summary"] == {"PASS": 2, "FAIL": 0, "N/A": 3}
     fd = [m for m in claims["decode_modes"] if m["mode"] == "full_djinn"][0]
     assert fd["bytes_per_token"] == pytest.approx((0.001 + 0.0005) * 1e6 / 50)  # 30 B/token
     assert fd["mean_per_token_ms"] == pytest.approx(21.0)
@@ -47,6 +48,8 @@ def test_analyze_writes_all_artifacts(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 66 + 12
     assert "| Djinn | 8 | ok | 16 |" in (tmp_path / "analysis" / "table2.md").read_text()
+    table = list(csv.DictReader(open(tmp_path / "analysis" / "table2.csv")))
+    assert {r["p99_from_fewer_than_100_steps"] for r in table} == {"True"}  # 2N steps, N <= 8
     # rerunning replaces the artifacts and leaves no temp files
     analyze(str(tmp_path))
     assert sorted(p.name for p in (tmp_path / "analysis").iterdir()) == sorted(out)

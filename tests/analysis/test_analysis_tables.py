@@ -57,24 +57,43 @@ def test_oom_row_and_largest_n_without_oom():
 
 
 def test_error_run_is_not_counted_as_completed():
-    docs = scaling_docs() + [agent_doc("djinn_agents", 16, 0, 0, error="ConnectionRefusedError: [Errno 111]")]
+    docs = scaling_docs() + [agent_doc("djinn_agents", 16, 0, 0, error="ConnectionRefusedError: [Errno 111]"),
+                             agent_doc("djinn_agents", 32, 100, 10)]
     s = summaries(table2(agent_map(docs)))
-    assert s["djinn_agents"].max_n_without_oom == 8
-    assert s["djinn_agents"].tested_n == (1, 2, 4, 8, 16)
+    assert s["djinn_agents"].max_n_without_oom == 32 and s["djinn_agents"].first_oom_n is None
+    # the first failure ends what the baseline is known to sustain, whatever completed after it
+    assert s["djinn_agents"].first_failure.n_agents == 16 and s["djinn_agents"].largest_n_before_failure == 8
+    assert s["djinn_agents"].tested_n == (1, 2, 4, 8, 16, 32)
 
 
 def test_markdown_and_csv():
     rows = table2(agent_map(scaling_docs()))
     md = table2_markdown(rows)
-    assert "| Djinn | 4 | ok | 8 | 56.50 | 56.50 | 102.9 | 101.5 | 103.0 | 11.50 | 12.97 |" in md
-    assert "| Ray Keep-Alive | 1, 2, 4 | 2 | 4 |" in md
-    assert "| Ray Keep-Alive | 4 | OOM | 0 | — |" in md
+    # every latency cell next to its sample count; p99 of 8 (or 4) steps is marked
+    assert "| Djinn | 4 | ok | 8 | 56.50 | 56.50 | 102.9* | 4 | 101.5 | 103.0* | 4 | 11.50 | 12.97* |" in md
+    assert "| Ray Keep-Alive | 1, 2, 4 | 2 | N=4 (OOM) | 4 |" in md
+    assert "| Djinn | 1, 2, 4, 8 | 8 | none up to N=8 (capped) | no OOM |" in md
+    assert "| Ray Keep-Alive | 4 | OOM | 0 | — | — | — | 0 | — | — | 0 | — | — |" in md
     parsed = list(csv.DictReader(io.StringIO(table2_csv(rows))))
     assert len(parsed) == 11  # 3 keep-alive + 4 serverless + 4 djinn
     ka4 = [p for p in parsed if p["baseline"] == "ray_keepalive" and p["n_agents"] == "4"][0]
     assert ka4["oom"] == "True" and ka4["p99_ms"] == "" and ka4["baseline_max_n_without_oom"] == "2"
+    assert ka4["baseline_first_failure_n"] == "4" and ka4["baseline_largest_n_without_failure"] == "2"
     dj4 = [p for p in parsed if p["baseline"] == "djinn_agents" and p["n_agents"] == "4"][0]
     assert float(dj4["p99_ms"]) == pytest.approx(102.93)
+    assert (dj4["steps"], dj4["reason_steps"], dj4["reflect_steps"]) == ("8", "4", "4")
+    assert dj4["p99_from_fewer_than_100_steps"] == "True"
+
+
+def test_p99_of_100_steps_or_more_is_not_marked():
+    # 52 iterations x 1 agent: 104 steps, 52 per phase
+    [r] = table2(agent_map([agent_doc("djinn_agents", 1, 100, 10, iterations=52)]))
+    assert (r.steps, r.reason_steps, r.reflect_steps, r.thin_p99) == (104, 52, 52, False)
+    line = [l for l in table2_markdown([r]).splitlines() if l.startswith("| Djinn | 1 |")][0]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3] == "104" and not cells[6].endswith("*")        # all steps: 104, unmarked
+    assert cells[7] == "52" and cells[9].endswith("*")             # REASON: 52 steps, marked
+    assert cells[10] == "52" and cells[12].endswith("*")
     assert table2_markdown([]).startswith("# Table 2") and "No agent-scaling" in table2_markdown([])
 
 
