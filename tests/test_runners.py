@@ -1,0 +1,98 @@
+"""The agent loop and its planning, on a scripted backend: no model, Ray or server."""
+import threading
+
+import pytest
+import torch
+
+from djinn.results import ResultDocument
+from djinn.runners import plan
+from djinn.runners.agents import AgentWorkload, StepOutcome, run_agents
+from djinn.runners.decode import measure
+from djinn.spec import Baseline, parse_spec
+
+
+class Scripted:
+    """A backend whose step ``fail_at`` (counted over all agents and rounds) raises ``error``."""
+
+    name, backend = "scripted", "test"
+
+    def __init__(self, error=None, fail_at=None):
+        self.error, self.fail_at = error, fail_at
+        self.calls, self.setups, self.teardowns = 0, [], 0
+        self.lock = threading.Lock()
+
+    def setup(self, n):
+        self.setups.append(n)
+
+    def step(self, agent, new_tokens, max_new_tokens):
+        with self.lock:
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise self.error
+        return StepOutcome([1] * max_new_tokens, len(new_tokens), 0)
+
+    def teardown(self):
+        self.teardowns += 1
+
+
+WORK = AgentWorkload([1] * 72, [2] * 18, [3] * 10)
+
+
+def _doc():
+    return ResultDocument(baseline="djinn_agents", experiment="agent_scaling", model_id="m", prompt_tokens=72,
+                          new_tokens=2)
+
+
+def _spec(**kw):
+    return parse_spec({"sleepSeconds": 0, "newTokens": 2, "output": {"uri": "x"}, **kw})
+
+
+def test_sweep_doubles_djinn_past_agent_counts_up_to_the_cap():
+    spec = _spec(agentCounts=[1, 4, 32], djinnSweepCap=300)
+    assert plan.agent_counts(spec, Baseline.djinn_agents) == [1, 4, 32, 64, 128, 256, 300]
+    assert plan.agent_counts(spec, Baseline.ray_keepalive) == [1, 4, 32]  # only Djinn is swept
+    assert plan.agent_counts(_spec(agentCounts=[1, 32]), Baseline.djinn_agents) == [1, 32]
+    assert plan.agent_counts(_spec(agentCounts=[1, 32], djinnSweepCap=32), Baseline.djinn_agents) == [1, 32]
+    assert plan.stops_at_first_failure(spec, Baseline.djinn_agents)
+    assert not plan.stops_at_first_failure(spec, Baseline.ray_serverless)
+
+
+def test_rounds_reach_min_steps_at_every_n():
+    spec = _spec(minSteps=100)
+    assert {n: plan.rounds(spec, n) for n in (1, 2, 3, 32, 64)} == {1: 50, 2: 25, 3: 17, 32: 2, 64: 1}
+    assert all(2 * n * spec.iterations * plan.rounds(spec, n) >= 100 for n in range(1, 130))
+    assert plan.rounds(_spec(minSteps=100, iterations=3), 1) == 17
+    assert plan.rounds(_spec(), 1) == 1
+
+
+def test_rounds_pool_steps_of_fresh_agents():
+    backend = Scripted()
+    doc = run_agents(backend, 3, _spec(iterations=2), WORK, _doc(), rounds=4)
+    assert backend.setups == [3] * 4 and backend.teardowns == 4
+    assert len(doc.steps) == 4 * 3 * 2 * 2 and doc.rounds == 4
+    assert sorted({(s.round, s.agent_id, s.iteration) for s in doc.steps}) == \
+        [(r, a, i) for r in range(4) for a in range(3) for i in range(2)]
+    assert doc.oom is False and doc.error is None
+
+
+def test_a_failure_is_recorded_with_its_type_and_traceback_and_ends_the_run():
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+    doc = run_agents(Scripted(oom, fail_at=3), 1, _spec(), WORK, _doc(), rounds=3)
+    assert doc.oom and doc.error == "OutOfMemoryError: CUDA out of memory. Tried to allocate 1 GiB"
+    assert "Traceback" in doc.traceback and "raise self.error" in doc.traceback
+    assert len(doc.steps) == 2  # the first round's steps are kept, no round after the failure
+    other = run_agents(Scripted(ModuleNotFoundError("No module named 'x' (OutOfMemoryError)"), fail_at=1),
+                       1, _spec(), WORK, _doc())
+    assert not other.oom and other.error.startswith("ModuleNotFoundError") and other.traceback
+
+
+def test_decode_discards_warmups_and_keeps_the_measured_runs():
+    calls = []
+
+    def once():
+        calls.append(1)
+        return [7, 8], 0.5, 0.25
+    doc = measure(ResultDocument(baseline="full_djinn", experiment="decode", model_id="m", prompt_tokens=3,
+                                 new_tokens=2), once, runs=30, warmup=5)
+    assert len(calls) == 35 and [r.run_id for r in doc.runs] == list(range(1, 31))
+    assert all(r.tokens_generated == 2 and r.host_to_device_mb == 0.5 for r in doc.runs)
