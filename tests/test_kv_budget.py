@@ -1,0 +1,77 @@
+"""The KV budget: what is left of --max-vram-gb for the KV pool, in the server and the engine bench."""
+import argparse
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from djinn.server.service import DjinnService, RequestError, ServerConfig
+
+GiB = 1 << 30
+
+
+def _entry(weight_bytes, pool_bytes):
+    return SimpleNamespace(loaded=SimpleNamespace(weight_bytes=weight_bytes),
+                           engine=SimpleNamespace(pool=SimpleNamespace(nbytes=pool_bytes)))
+
+
+def test_server_budget_is_the_cap_less_weights_and_a_reserve():
+    service = DjinnService(ServerConfig(max_vram_gb=10))
+    # reserve: min(4 GiB, 5% of the cap) for activations + 10% of the weights for allocator slack
+    assert service._kv_budget(1 * GiB, torch.device("cpu")) == int(10 * GiB - 1 * GiB - (0.5 * GiB + 0.1 * GiB))
+    big = DjinnService(ServerConfig(max_vram_gb=200))
+    assert big._kv_budget(1 * GiB, torch.device("cpu")) == int(200 * GiB - 1 * GiB - (4 * GiB + 0.1 * GiB))
+
+
+def test_server_budget_leaves_what_other_models_hold():
+    service = DjinnService(ServerConfig(max_vram_gb=10))
+    service.models["other"] = _entry(2 * GiB, 3 * GiB)
+    assert service._kv_budget(1 * GiB, torch.device("cpu")) == int(10 * GiB - 5 * GiB - 1 * GiB - 0.6 * GiB)
+
+
+def test_server_budget_never_exceeds_the_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=8 * GiB))
+    service = DjinnService(ServerConfig(max_vram_gb=80))  # more than the 8 GiB device has
+    cap = 8 * GiB * 0.92
+    assert service._kv_budget(1 * GiB, torch.device("cuda", 0)) == int(cap - 1 * GiB - (0.05 * cap + 0.1 * GiB))
+
+
+def test_server_refuses_a_cap_with_no_room_for_kv():
+    with pytest.raises(RequestError, match=r"--max-vram-gb 1 leaves no room .* raise it") as err:
+        DjinnService(ServerConfig(max_vram_gb=1))._kv_budget(1 * GiB, torch.device("cpu"))
+    assert err.value.code == "out_of_memory"
+
+
+def test_engine_bench_budget(monkeypatch):
+    """bench-engine gives the engine --max-vram-gb less the weights and 4 GiB (on a GPU)."""
+    import djinn.engine.engine as engine_mod
+    import djinn.models.loader as loader
+    from djinn.bench import engine_bench
+    from djinn.models.tokenizer import HashTokenizer
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class RecordingEngine:
+        def __init__(self, model, **kw):
+            seen.update(kw)
+            raise Stop
+
+    lm = SimpleNamespace(device=torch.device("cuda", 0), weights="synthetic", dtype=torch.float16,
+                         weight_bytes=13 * GiB, model=None, tokenizer=HashTokenizer(32000))
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: lm)
+    monkeypatch.setattr(engine_mod, "Engine", RecordingEngine)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "fake GPU")
+    monkeypatch.setattr(engine_bench, "copy_bandwidth_gbps", lambda dev: 3000.0)
+    monkeypatch.setattr(engine_bench, "timed", lambda fn, repeat=3: 1.0)
+    p = argparse.ArgumentParser()
+    engine_bench.add_arguments(p)
+    with pytest.raises(Stop):
+        engine_bench.run(p.parse_args(["--max-vram-gb", "40"]))
+    assert seen["kv_budget_bytes"] == 40 * GiB - 13 * GiB - 4 * GiB
+    lm.device = torch.device("cpu")  # on a CPU the pool is sized by --max-slots alone
+    with pytest.raises(Stop):
+        engine_bench.run(p.parse_args(["--max-vram-gb", "40"]))
+    assert seen["kv_budget_bytes"] is None
