@@ -48,11 +48,12 @@ class Resources:
             return self.spec.djinn_server
         if self.server is None:
             from djinn.runners.local_server import LocalServer
+            from djinn.server.sizing import sizing_flags
 
             log = os.path.join(self.log_dir, "djinn-server.log")
             say(f"starting Djinn server for {self.spec.model_id} (log: {log})")
             self.server = LocalServer(self.spec.model_id, self.spec.weights, self.spec.dtype, self.spec.device,
-                                      extra=["--max-concurrent", str(max(64, 2 * max(self.spec.agent_counts)))],
+                                      extra=sizing_flags(self.spec),
                                       log_path=log).start()
         return self.server.address
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Optional
 
+from djinn.server.sizing import sizing_flags
 from djinn.spec import DECODE_MODES, RAY_BASELINES, Baseline, ExperimentSpec
 
 from . import names, raycluster
@@ -91,7 +92,7 @@ def server_command(spec: ExperimentSpec) -> list[str]:
     gpu = spec.cluster.gpu
     return ["python", "-m", "djinn.server.server_main", "--device", "cuda" if gpu else "cpu",
             *(["--gpu", "0"] if gpu else []), "--host", "0.0.0.0", "--port", str(DATA_PORT),
-            "--control-port", str(CONTROL_PORT), "--max-concurrent", "64", "--max-vram-gb", "80",
+            "--control-port", str(CONTROL_PORT), *sizing_flags(spec), "--max-vram-gb", "80",
             "--model-id", spec.model_id, "--weights", spec.weights, "--dtype", spec.dtype]
 
 
