@@ -1,4 +1,4 @@
-"""Result documents of the seed README's schema, plus the agent-scaling fields.
+"""Result documents: the original experiment scripts' schema, plus the agent-scaling fields.
 
 One document per baseline (and per N for agent scaling), stored at
 ``results/<baseline>/<timestamp>.json`` (``<timestamp>_n<N>.json`` for agent runs).

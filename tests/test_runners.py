@@ -1,7 +1,6 @@
 """The agent loop and its planning, on a scripted backend: no model, Ray or server."""
 import threading
 
-import pytest
 import torch
 
 from djinn.results import ResultDocument

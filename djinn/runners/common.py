@@ -43,9 +43,6 @@ class ReportedFailure(Exception):
         super().__init__(line)
         self.oom, self.line, self.traceback_text = oom, line, traceback_text
 
-    def __reduce__(self):
-        return type(self), (self.oom, self.line, self.traceback_text)
-
 
 def cause_chain(exc: BaseException) -> list[BaseException]:
     """``exc`` and what it wraps: ``raise ... from`` causes and Ray's ``RayTaskError.cause``.
