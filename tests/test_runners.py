@@ -95,3 +95,46 @@ def test_decode_discards_warmups_and_keeps_the_measured_runs():
                                  new_tokens=2), once, runs=30, warmup=5)
     assert len(calls) == 35 and [r.run_id for r in doc.runs] == list(range(1, 31))
     assert all(r.tokens_generated == 2 and r.host_to_device_mb == 0.5 for r in doc.runs)
+
+
+class FailsFrom(Scripted):
+    def __init__(self, first_bad_n, error):
+        super().__init__()
+        self.first_bad_n, self.failure = first_bad_n, error
+
+    def setup(self, n):
+        if n >= self.first_bad_n:
+            raise self.failure
+
+
+def _run_baseline(tmp_path, monkeypatch, baseline, backend, **spec):
+    import json
+    from types import SimpleNamespace
+
+    from djinn.runners import experiment
+
+    monkeypatch.setattr(experiment, "_agent_backend", lambda *_: backend)
+    res = SimpleNamespace(tag=None, server_address=lambda: "localhost:5556")
+    experiment._run_agents(_spec(output={"uri": str(tmp_path)}, **spec),
+                           experiment.Task("agent_scaling", baseline), res, WORK)
+    docs = [json.loads(p.read_text()) for p in tmp_path.glob("results/*/*.json")]
+    return {d["n_agents"]: (d["oom"], d["error"]) for d in docs}
+
+
+def test_swept_djinn_stops_at_its_first_failure(tmp_path, monkeypatch):
+    from djinn.client import ConcurrencyLimitExceeded
+
+    refused = ConcurrencyLimitExceeded("concurrency_limit", "Concurrency limit exceeded: 8 active requests >= 8 limit")
+    got = _run_baseline(tmp_path, monkeypatch, Baseline.djinn_agents, FailsFrom(8, refused),
+                        agentCounts=[1, 2], djinnSweepCap=64)
+    assert sorted(got) == [1, 2, 4, 8]  # 16, 32, 64 not run
+    assert got[8] == (False, "ConcurrencyLimitExceeded: Concurrency limit exceeded: 8 active requests >= 8 limit")
+
+
+def test_unswept_baseline_stops_only_on_oom(tmp_path, monkeypatch):
+    got = _run_baseline(tmp_path / "a", monkeypatch, Baseline.ray_keepalive,
+                        FailsFrom(2, ModuleNotFoundError("No module named 'x'")), agentCounts=[1, 2, 4])
+    assert sorted(got) == [1, 2, 4] and got[2][0] is False
+    got = _run_baseline(tmp_path / "b", monkeypatch, Baseline.ray_keepalive,
+                        FailsFrom(2, torch.OutOfMemoryError("CUDA out of memory")), agentCounts=[1, 2, 4])
+    assert sorted(got) == [1, 2] and got[2] == (True, "OutOfMemoryError: CUDA out of memory")
