@@ -16,7 +16,7 @@ from matplotlib.ticker import FixedLocator, NullLocator
 from djinn.results import ResultDocument, mean, percentile
 
 from .names import AGENT_BASELINES, DECODE_MODES, label, ordered
-from .tables import Table2Row
+from .tables import MIN_P99_STEPS, Table2Row
 
 COLORS = {"ray_keepalive": "#d95f02", "ray_serverless": "#1f78b4", "djinn_agents": "#1b9e77",
           "native_pytorch": "#7f7f7f", "semantic_blind": "#d95f02", "partially_aware": "#e6ab02",
@@ -37,13 +37,14 @@ def render(fig: Figure, fmt: str) -> bytes:
 
 
 def figure6(rows: list[Table2Row]) -> Figure:
-    """p99 step latency vs N per baseline; log y; a red X where a baseline ran out of memory."""
+    """p99 step latency vs N per baseline; log y; a red X where a baseline ran out of memory;
+    a hollow marker where the p99 rests on fewer than MIN_P99_STEPS steps."""
     fig = Figure(figsize=(7.5, 4.8))
     ax = fig.add_subplot()
     baselines = ordered({r.baseline for r in rows}, AGENT_BASELINES)
     ok_values = [r.p99_ms for r in rows if r.ok and r.p99_ms and r.p99_ms > 0]
     y_fallback = (min(ok_values) * max(ok_values)) ** 0.5 if ok_values else 100.0
-    handles, any_oom, any_err = [], False, False
+    handles, any_oom, any_err, any_thin = [], False, False, False
     for i, b in enumerate(baselines):
         mine = sorted((r for r in rows if r.baseline == b), key=lambda r: r.n_agents)
         ok = [r for r in mine if r.ok and r.p99_ms and r.p99_ms > 0]
@@ -51,6 +52,11 @@ def figure6(rows: list[Table2Row]) -> Figure:
         (line,) = ax.plot([r.n_agents for r in ok], [r.p99_ms for r in ok], color=color, lw=2,
                           marker=MARKERS.get(b, "D"), ms=7, label=label(b), zorder=3)
         handles.append(line)
+        thin = [r for r in ok if r.thin_p99]
+        if thin:  # hollow: a p99 of fewer than MIN_P99_STEPS steps is close to the maximum
+            any_thin = True
+            ax.plot([r.n_agents for r in thin], [r.p99_ms for r in thin], marker=MARKERS.get(b, "D"), ms=7,
+                    mfc="white", mec=color, mew=1.5, ls="none", zorder=4)
         first_oom = True
         for r in mine:
             if r.ok:
@@ -79,6 +85,9 @@ def figure6(rows: list[Table2Row]) -> Figure:
     if any_err:
         handles.append(Line2D([], [], marker="D", mfc="none", mec="black", ms=8, ls="none",
                               label="run failed (non-OOM error)"))
+    if any_thin:
+        handles.append(Line2D([], [], marker="o", mfc="white", mec="black", ms=7, ls="none",
+                              label=f"hollow: p99 of fewer than {MIN_P99_STEPS} steps"))
     ns = sorted({r.n_agents for r in rows})
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_locator(FixedLocator(ns))

@@ -101,3 +101,13 @@ def test_cli_as_module(tmp_path):
     p = subprocess.run([sys.executable, "-m", "djinn_analysis", "--input", str(tmp_path / "empty")],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "input: no result documents under" in p.stderr
+
+
+def test_figure6_marks_a_p99_of_few_steps_hollow():
+    from analysis_testdata import agent_doc
+
+    def legend(docs):
+        rows = table2({d.baseline: {d.n_agents: d} for d in docs})
+        return [t.get_text() for t in figure6(rows).axes[0].get_legend().get_texts()]
+    assert "hollow: p99 of fewer than 100 steps" in legend([agent_doc("djinn_agents", 4, 100, 10)])  # 8 steps
+    assert legend([agent_doc("djinn_agents", 4, 100, 10, iterations=13)]) == ["Djinn"]  # 104 steps
