@@ -31,7 +31,8 @@ _OVERRIDES: dict[str, tuple[str, dict]] = {
     "--dtype": ("dtype", {"choices": ["auto", "float32", "float16", "bfloat16"]}),
     "--device": ("device", {"choices": ["auto", "cpu", "cuda"]}),
     "--prompt-file": ("promptFile", {}),
-    "--agent-counts": ("agentCounts", {"type": int, "nargs": "+"}),
+    "--agent-counts": ("agentCounts", {"type": int, "nargs": "+", "help": "run exactly these N (the spec's "
+                                                                          "djinnSweepCap too only if given again)"}),
     "--iterations": ("iterations", {"type": int}),
     "--min-steps": ("minSteps", {"type": int, "help": "steps per N at least, in rounds of fresh agents (100 for a p99)"}),
     "--djinn-sweep-cap": ("djinnSweepCap", {"type": int, "help": "djinn_agents: double N past --agent-counts up to "
@@ -82,6 +83,10 @@ def resolve_spec(args: argparse.Namespace) -> tuple[str, Any]:
         value = getattr(args, flag[2:].replace("-", "_"), None)
         if value is not None:
             data[field] = value
+    if args.agent_counts is not None and args.djinn_sweep_cap is None:
+        # --agent-counts runs exactly those N (an operator Job runs one): the spec's sweep goes with them
+        data.pop("djinnSweepCap", None)
+        data.pop("djinn_sweep_cap", None)
     if getattr(args, "baselines", None):
         data["baselines"] = args.baselines
     if args.stop_on_oom is not None:

@@ -128,3 +128,17 @@ def test_sweep_cap_and_min_steps_are_checked():
     with pytest.raises(SpecError, match="^spec.minSteps:"):
         parse_spec({"minSteps": 0})
     assert parse_spec({"agentCounts": [1, 32], "djinnSweepCap": 32}).djinn_sweep_cap == 32
+
+
+def test_explicit_agent_counts_run_exactly_those_n():
+    """An operator Job passes the whole spec and one N: it must not sweep on from there."""
+    from djinn import cli
+
+    spec_json = '{"agentCounts": [1, 8], "djinnSweepCap": 64, "output": {"uri": "x"}}'
+    _, spec = cli.resolve_spec(cli.build_parser().parse_args(["run", "--spec-json", spec_json, "--agent-counts", "8"]))
+    assert spec.agent_counts == [8] and spec.djinn_sweep_cap is None
+    _, spec = cli.resolve_spec(cli.build_parser().parse_args(["run", "--spec-json", spec_json]))
+    assert spec.djinn_sweep_cap == 64
+    _, spec = cli.resolve_spec(cli.build_parser().parse_args(
+        ["run", "--spec-json", spec_json, "--agent-counts", "2", "--djinn-sweep-cap", "16"]))
+    assert spec.agent_counts == [2] and spec.djinn_sweep_cap == 16
