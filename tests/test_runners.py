@@ -1,6 +1,7 @@
 """The agent loop and its planning, on a scripted backend: no model, Ray or server."""
 import threading
 
+import pytest
 import torch
 
 from djinn.results import ResultDocument
@@ -138,3 +139,31 @@ def test_unswept_baseline_stops_only_on_oom(tmp_path, monkeypatch):
     got = _run_baseline(tmp_path / "b", monkeypatch, Baseline.ray_keepalive,
                         FailsFrom(2, torch.OutOfMemoryError("CUDA out of memory")), agentCounts=[1, 2, 4])
     assert sorted(got) == [1, 2] and got[2] == (True, "OutOfMemoryError: CUDA out of memory")
+
+
+def test_connecting_to_a_ray_head_retries_a_refused_first_client(monkeypatch):
+    """A KubeRay head just marked ready failed its first client; the next connection worked."""
+    from djinn.runners import ray_backends
+
+    calls = []
+
+    def init(address, **_):
+        calls.append(address)
+        if len(calls) < 3:
+            raise ConnectionAbortedError("Initialization failure from server: Starting Ray client server failed")
+
+    monkeypatch.setattr(ray_backends.ray, "init", init)
+    monkeypatch.setattr(ray_backends.ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray_backends.time, "sleep", lambda s: None)
+    ray_backends.connect("ray://head-svc:10001")
+    assert calls == ["ray://head-svc:10001"] * 3
+
+    def refuse(address, **_):
+        calls.append(address)
+        raise ConnectionError("ray client connection timeout")
+
+    calls.clear()
+    monkeypatch.setattr(ray_backends.ray, "init", refuse)
+    with pytest.raises(ConnectionError):  # a head that never answers still fails the run, after the retries
+        ray_backends.connect("ray://head-svc:10001")
+    assert len(calls) == ray_backends.CONNECT_ATTEMPTS

@@ -10,6 +10,7 @@ the error line and the whole traceback; the driver raises it as a ``ReportedFail
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from typing import Optional
 
@@ -17,7 +18,7 @@ import ray
 import torch
 
 from djinn.runners.agents import StepOutcome
-from djinn.runners.common import ReportedFailure, empty_cuda_cache, error_line, is_oom, traceback_text
+from djinn.runners.common import ReportedFailure, empty_cuda_cache, error_line, is_oom, say, traceback_text
 from djinn.runners.hf_agent import CachedAgent, ModelRef, cache_bytes, greedy, warm_up
 
 
@@ -30,12 +31,31 @@ def ensure_ray(address: Optional[str], max_agents: int) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=False)
+        connect(address)
         return True
     gpus = torch.cuda.device_count()
     ray.init(num_cpus=max(os.cpu_count() or 1, max_agents) + 1, num_gpus=gpus, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     return True
+
+
+CONNECT_ATTEMPTS, CONNECT_BACKOFF_S = 4, 5.0
+
+
+def connect(address: str) -> None:
+    """``ray.init(address)``, retried: a Ray head that has just turned ready can fail its first client
+    ("Starting Ray client server failed", seen on a KubeRay head pod under load) and serve the next."""
+    for attempt in range(1, CONNECT_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, log_to_driver=False)
+            return
+        except ConnectionError as exc:
+            if attempt == CONNECT_ATTEMPTS:
+                raise
+            delay = CONNECT_BACKOFF_S * attempt
+            say(f"Ray at {address} refused the connection ({error_line(exc)}); retrying in {delay:.0f} s")
+            ray.shutdown()
+            time.sleep(delay)
 
 
 def _cluster_has_gpu() -> bool:
