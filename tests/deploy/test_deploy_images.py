@@ -341,8 +341,6 @@ def dist_closure(names: set[str]) -> set[str]:
 
 def test_operator_image_dependencies_cover_the_operators_imports():
     pkg = ROOT / "operator" / "djinn_operator"
-    if not (pkg / "__main__.py").exists():
-        pytest.skip("operator/djinn_operator is not written yet")
     modules, files = third_party_imports(sorted(pkg.glob("*.py")))
     df = parse(DOCKERFILES["operator"])
     explicit = {canonicalize_name(r.name) for s in df.stages for w in pip_installs(df, s)
