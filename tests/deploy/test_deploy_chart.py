@@ -11,6 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from djinn.spec import parse_spec
 from deploy_support import CHART, CHART_CRD, CRD_NAME, PROFILES, ROOT, TOP_CRD, deep_merge, profile_values
 
 K8S_VERSION = "1.30"
@@ -196,7 +197,7 @@ def test_every_object_validates_against_the_kubernetes_openapi_schema(rendered):
 
 
 def test_custom_resources_validate_against_the_crd_and_the_spec_model(rendered, crd):
-    from djinn.spec import parse_document
+    from djinn.spec import parse_document, parse_spec
 
     case, objs = rendered
     version = next(v for v in crd["spec"]["versions"] if v["name"] == VERSION)
@@ -210,7 +211,7 @@ def test_custom_resources_validate_against_the_crd_and_the_spec_model(rendered, 
 
 
 def test_custom_resources_parse_with_the_spec_model(rendered):
-    from djinn.spec import parse_document
+    from djinn.spec import parse_document, parse_spec
 
     case, objs = rendered
     for obj in by_kind(objs, KIND):
@@ -348,6 +349,7 @@ def test_kind_profile(render):
     assert spec["cluster"]["credentialsSecret"] == secret["metadata"]["name"]
     assert spec["cluster"]["serviceAccountName"] == one(objs, "ServiceAccount", "workload")["metadata"]["name"]
     assert "nvidia.com/gpu" not in json.dumps(objs)
+
     bucket = one(objs, "Job", "minio")
     assert bucket["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
     compile(bucket["spec"]["template"]["spec"]["containers"][0]["args"][0], "bucket-job", "exec")
@@ -359,6 +361,14 @@ def test_kind_profile(render):
         for c in pod["containers"]:
             if c["image"].startswith("djinn-"):
                 assert c["imagePullPolicy"] == "Never"
+
+
+def test_kind_example_file_is_the_charts_kind_example(render):
+    """examples/experiment-kind.yaml, applied by hand, runs what kind-up.sh's chart example runs, in its namespace."""
+    chart = one(render("kind", example={"enabled": True}), KIND)
+    file = yaml.safe_load((ROOT / "examples" / "experiment-kind.yaml").read_text())
+    assert file["metadata"] == {"name": chart["metadata"]["name"], "namespace": chart["metadata"]["namespace"]}
+    assert parse_spec(file["spec"]) == parse_spec(chart["spec"])
 
 
 def test_eks_a100_profile(render):
