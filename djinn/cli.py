@@ -113,11 +113,15 @@ def cmd_run(args: argparse.Namespace, tasks_for=None) -> int:
 
     _, spec = resolve_spec(args)
     tasks = tasks_for(spec) if tasks_for else plan_tasks(spec)
-    written = run_experiment(spec, tasks, args.log_dir, args.tag)
-    print(f"results: {len(written)} documents under {spec.output.uri}/results/")
-    if not args.no_analyze and written:
+    outcome = run_experiment(spec, tasks, args.log_dir, args.tag)
+    print(f"results: {len(outcome.written)} documents under {spec.output.uri}/results/")
+    if not args.no_analyze and outcome.written:
         artifacts = _analyze(spec.output.uri, None, spec.output.endpoint_url)
         print("analysis: " + ", ".join(f"{k} -> {v}" for k, v in artifacts.items()))
+    if outcome.failed:  # non-zero, so a Job retries the run (its document stays, a retry adds its own)
+        print(f"djinn-bench: {len(outcome.failed)} run(s) failed ({', '.join(outcome.failed)}); "
+              "their result documents record the error", file=sys.stderr)
+        return 1
     return 0
 
 

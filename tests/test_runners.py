@@ -116,29 +116,31 @@ def _run_baseline(tmp_path, monkeypatch, baseline, backend, **spec):
 
     monkeypatch.setattr(experiment, "_agent_backend", lambda *_: backend)
     res = SimpleNamespace(tag=None, server_address=lambda: "localhost:5556")
+    failed = []
     experiment._run_agents(_spec(output={"uri": str(tmp_path)}, **spec),
-                           experiment.Task("agent_scaling", baseline), res, WORK)
+                           experiment.Task("agent_scaling", baseline), res, WORK, failed)
     docs = [json.loads(p.read_text()) for p in tmp_path.glob("results/*/*.json")]
-    return {d["n_agents"]: (d["oom"], d["error"]) for d in docs}
+    return {d["n_agents"]: (d["oom"], d["error"]) for d in docs}, failed
 
 
 def test_swept_djinn_stops_at_its_first_failure(tmp_path, monkeypatch):
     from djinn.client import ConcurrencyLimitExceeded
 
     refused = ConcurrencyLimitExceeded("concurrency_limit", "Concurrency limit exceeded: 8 active requests >= 8 limit")
-    got = _run_baseline(tmp_path, monkeypatch, Baseline.djinn_agents, FailsFrom(8, refused),
-                        agentCounts=[1, 2], djinnSweepCap=64)
-    assert sorted(got) == [1, 2, 4, 8]  # 16, 32, 64 not run
+    got, failed = _run_baseline(tmp_path, monkeypatch, Baseline.djinn_agents, FailsFrom(8, refused),
+                                agentCounts=[1, 2], djinnSweepCap=64)
+    assert sorted(got) == [1, 2, 4, 8] and failed == []  # 16, 32, 64 not run; N=8 is the sweep's measurement
     assert got[8] == (False, "ConcurrencyLimitExceeded: Concurrency limit exceeded: 8 active requests >= 8 limit")
 
 
 def test_unswept_baseline_stops_only_on_oom(tmp_path, monkeypatch):
-    got = _run_baseline(tmp_path / "a", monkeypatch, Baseline.ray_keepalive,
-                        FailsFrom(2, ModuleNotFoundError("No module named 'x'")), agentCounts=[1, 2, 4])
+    got, failed = _run_baseline(tmp_path / "a", monkeypatch, Baseline.ray_keepalive,
+                                FailsFrom(2, ModuleNotFoundError("No module named 'x'")), agentCounts=[1, 2, 4])
     assert sorted(got) == [1, 2, 4] and got[2][0] is False
-    got = _run_baseline(tmp_path / "b", monkeypatch, Baseline.ray_keepalive,
-                        FailsFrom(2, torch.OutOfMemoryError("CUDA out of memory")), agentCounts=[1, 2, 4])
-    assert sorted(got) == [1, 2] and got[2] == (True, "OutOfMemoryError: CUDA out of memory")
+    assert failed == ["ray_keepalive N=2", "ray_keepalive N=4"]  # the command exits non-zero for these
+    got, failed = _run_baseline(tmp_path / "b", monkeypatch, Baseline.ray_keepalive,
+                                FailsFrom(2, torch.OutOfMemoryError("CUDA out of memory")), agentCounts=[1, 2, 4])
+    assert sorted(got) == [1, 2] and got[2] == (True, "OutOfMemoryError: CUDA out of memory") and failed == []
 
 
 def test_connecting_to_a_ray_head_retries_a_refused_first_client(monkeypatch):
@@ -167,3 +169,18 @@ def test_connecting_to_a_ray_head_retries_a_refused_first_client(monkeypatch):
     with pytest.raises(ConnectionError):  # a head that never answers still fails the run, after the retries
         ray_backends.connect("ray://head-svc:10001")
     assert len(calls) == ray_backends.CONNECT_ATTEMPTS
+
+
+def test_a_failed_run_exits_non_zero_with_its_document_written(tmp_path, capsys):
+    """So that a Kubernetes Job retries it; an OOM or a sweep's stop is a measurement and exits 0."""
+    import json
+
+    from djinn import cli
+
+    rc = cli.main(["agents", "--baseline", "djinn_agents", "--agent-counts", "1", "--djinn-server", "127.0.0.1:1",
+                   "--model-id", "sshleifer/tiny-gpt2", "--weights", "synthetic", "--device", "cpu",
+                   "--output-dir", str(tmp_path)])
+    assert rc == 1
+    assert "1 run(s) failed (djinn_agents N=1); their result documents record the error" in capsys.readouterr().err
+    [doc] = [json.loads(p.read_text()) for p in tmp_path.glob("results/djinn_agents/*.json")]
+    assert doc["error"].startswith("DjinnConnectionError") and doc["oom"] is False

@@ -148,7 +148,8 @@ def _agent_backend(spec: ExperimentSpec, task: Task, res: Resources):
     return ray_backends.RayServerlessBackend(ref, spec.gpu_per_task)
 
 
-def _run_agents(spec: ExperimentSpec, task: Task, res: Resources, work) -> list[str]:
+def _run_agents(spec: ExperimentSpec, task: Task, res: Resources, work, failed: list[str]) -> list[str]:
+    """Every N of one baseline; a failure that is not an OOM nor a sweep's planned stop goes to ``failed``."""
     from djinn.runners import plan
     from djinn.runners.agents import run_agents
 
@@ -176,12 +177,20 @@ def _run_agents(spec: ExperimentSpec, task: Task, res: Resources, work) -> list[
         if doc.error and plan.stops_at_first_failure(spec, task.baseline):
             say(f"{task.baseline.value}: first failure at N={n}; the sweep stops here")
             break
+        if doc.error and not doc.oom:
+            failed.append(f"{task.baseline.value} N={n}")
     return written
 
 
+@dataclass(frozen=True)
+class Outcome:
+    written: list[str]  # where each result document went
+    failed: list[str]   # runs whose document records a failure (not an OOM, not a sweep's planned stop)
+
+
 def run_experiment(spec: ExperimentSpec, tasks: list[Task], log_dir: Optional[str] = None,
-                   tag: Optional[str] = None) -> list[str]:
-    """Run ``tasks`` in order and return where each result document was written."""
+                   tag: Optional[str] = None) -> Outcome:
+    """Run ``tasks`` in order; every document is written, failed runs included."""
     from djinn.models.loader import load_tokenizer_for
     from djinn.runners.agents import AgentWorkload
 
@@ -191,6 +200,7 @@ def run_experiment(spec: ExperimentSpec, tasks: list[Task], log_dir: Optional[st
     say(f"model {spec.model_id}, prompt {len(work.prompt)} tokens ({tok.name} tokenizer), "
         f"{len(tasks)} baseline runs, output {spec.output.uri}")
     written: list[str] = []
+    failed: list[str] = []
     with ExitStack() as stack:
         res = Resources(spec, log_dir or stack.enter_context(tempfile.TemporaryDirectory()), tag)
         stack.callback(res.close)
@@ -200,5 +210,5 @@ def run_experiment(spec: ExperimentSpec, tasks: list[Task], log_dir: Optional[st
             if task.experiment == "decode":
                 written += _run_decode(spec, task, res, work.prompt)
             else:
-                written += _run_agents(spec, task, res, work)
-    return written
+                written += _run_agents(spec, task, res, work, failed)
+    return Outcome(written, failed)
