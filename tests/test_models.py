@@ -47,3 +47,23 @@ def test_fallback_tokenizer_is_deterministic_and_in_vocab():
     assert len(ids) == 72  # configs/prompt.txt is a 72-token prompt for this tokenizer
     assert a.decode(a.encode("Djinn keeps caches.")) == "Djinn keeps caches ."
     assert load_tokenizer_for("sshleifer/tiny-gpt2").encode(text) == HashTokenizer(50257).encode(text)
+
+
+def test_finding_a_tokenizer_never_touches_the_network(monkeypatch):
+    """transformers looks a hub id up on the hub even with local_files_only: 10 s per client process in a
+    pod whose DNS does not answer. Only local directories may reach it."""
+    import socket
+
+    from djinn.models.loader import load_tokenizer_for
+
+    looked_up = []
+
+    def no_network(host, *args, **kwargs):
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_AGAIN, "no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    for weights in ("synthetic", "auto"):
+        tok = load_tokenizer_for("sshleifer/tiny-gpt2", weights)
+        assert tok.name == "djinn-hash" and len(tok.encode("Reason, then act.")) > 0
+    assert looked_up == []

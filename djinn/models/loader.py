@@ -74,15 +74,26 @@ def synthetic_config(model_id: str):
     return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
-def _pretrained_source(model_id: str) -> Optional[str]:
-    """A local directory or a complete HF-cache snapshot for ``model_id``, else None (never downloads)."""
-    if Path(model_id).is_dir() and (Path(model_id) / "config.json").is_file():
+def local_snapshot(model_id: str) -> Optional[str]:
+    """``model_id`` itself when it is a directory, else its HF-cache snapshot directory, else None.
+
+    Offline by construction: transformers given a hub id looks it up on the hub even with
+    ``local_files_only`` (10 s per process where DNS does not answer, as in an air-gapped pod).
+    """
+    if Path(model_id).is_dir():
         return model_id
     try:
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(model_id, local_files_only=True)
+        return snapshot_download(model_id, local_files_only=True)
     except Exception:
+        return None
+
+
+def _pretrained_source(model_id: str) -> Optional[str]:
+    """A local directory or a complete HF-cache snapshot for ``model_id``, else None (never downloads)."""
+    path = local_snapshot(model_id)
+    if path is None or not (Path(path) / "config.json").is_file():
         return None
     files = {p.suffix for p in Path(path).iterdir()}
     return path if {".safetensors", ".bin"} & files else None
@@ -137,7 +148,7 @@ def load_model(model_id: str, weights: str = "auto", dtype: str = "auto", device
                   f"({synthetic_config_path(model_id).name}, seed {seed})", file=sys.stderr)
         model = build_synthetic(model_id, dt, dev, seed)
         kind = "synthetic"
-    tokenizer = load_tokenizer(source or model_id, vocab_size=model.config.vocab_size,
+    tokenizer = load_tokenizer(source or local_snapshot(model_id), vocab_size=model.config.vocab_size,
                                eos_token_id=model.config.eos_token_id)
     return LoadedModel(model, tokenizer, model_id, kind, dev, dt)
 
@@ -153,4 +164,5 @@ def load_tokenizer_for(model_id: str, weights: str = "auto"):
         config = AutoConfig.from_pretrained(source)
     else:
         config = synthetic_config(model_id)
-    return load_tokenizer(source or model_id, vocab_size=config.vocab_size, eos_token_id=config.eos_token_id)
+    return load_tokenizer(source or local_snapshot(model_id), vocab_size=config.vocab_size,
+                          eos_token_id=config.eos_token_id)

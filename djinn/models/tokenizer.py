@@ -57,11 +57,14 @@ class HFTokenizer:
         return self._tok.decode(ids)
 
 
-def load_tokenizer(source: str, vocab_size: int, eos_token_id: Optional[int] = None) -> Tokenizer:
-    """The real tokenizer from a local path/HF cache, else :class:`HashTokenizer` (never downloads)."""
-    try:
-        from transformers import AutoTokenizer
+def load_tokenizer(source: Optional[str], vocab_size: int, eos_token_id: Optional[int] = None) -> Tokenizer:
+    """The real tokenizer from ``source``, a local directory (a path or an HF-cache snapshot), else
+    :class:`HashTokenizer`; never a hub id, so never a network call."""
+    if source:
+        try:
+            from transformers import AutoTokenizer
 
-        return HFTokenizer(AutoTokenizer.from_pretrained(source, local_files_only=True))
-    except Exception:
-        return HashTokenizer(vocab_size)
+            return HFTokenizer(AutoTokenizer.from_pretrained(source, local_files_only=True))
+        except Exception:
+            pass
+    return HashTokenizer(vocab_size)
