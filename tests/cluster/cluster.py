@@ -37,7 +37,7 @@ from deploy_support import CHART, Helm, objects_of, profile_values  # noqa: E402
 
 NAMESPACE, RELEASE = "djinn", "djinn-bench"
 S3_PORT = 9000  # the chart's MinIO Service port
-STATE_DIR = Path("/var/tmp")  # hosts file and kubeconfig: outside the pods' private /tmp
+STATE_DIR = Path("/var/tmp")  # the node's files: hosts, kubeconfig, pod home directories
 
 
 def hooks(obj: dict) -> set[str]:

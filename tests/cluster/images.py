@@ -4,7 +4,7 @@ An image reference resolves to the repository's Dockerfile that builds it (what 
 the push script build); the final stage's ENV, WORKDIR, ENTRYPOINT and CMD apply to the pod, with
 the image's paths mapped to local ones: /opt/venv/bin is the running interpreter's bin directory
 (where pip put ``djinn-bench``, ``ray`` and ``python``), /opt/djinn/configs the repository's
-configs, the home directory a private one. An image no Dockerfile builds fails like a pull would.
+configs, /home/djinn the pod's own home directory. An image no Dockerfile builds fails like a pull would.
 """
 from __future__ import annotations
 
@@ -22,9 +22,8 @@ DOCKERFILES = {  # image name (last path component, no tag) -> Dockerfile
     "djinn-server": ROOT / "images" / "server.Dockerfile",
     "djinn-operator": ROOT / "images" / "operator.Dockerfile",
 }
-HOME = "/tmp/home"  # inside the pod's own /tmp
-PATHS = {"/opt/venv/bin": str(Path(sys.executable).parent), "/opt/djinn/configs": str(ROOT / "configs"),
-         "/home/djinn": HOME}
+PATHS = {"/opt/venv/bin": str(Path(sys.executable).parent), "/opt/djinn/configs": str(ROOT / "configs")}
+IMAGE_HOME = "/home/djinn"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -41,8 +40,8 @@ class Image:
     cmd: list[str]
 
 
-def _local(value: str) -> str:
-    for image_path, local in PATHS.items():
+def _local(value: str, home: str) -> str:
+    for image_path, local in {**PATHS, IMAGE_HOME: home}.items():
         value = value.replace(image_path, local)
     return value
 
@@ -77,10 +76,11 @@ def parse_final_stage(dockerfile: Path) -> tuple[dict[str, str], str, list[str],
     return env, workdir, entrypoint, cmd
 
 
-def resolve(ref: str) -> Image:
+def resolve(ref: str, home: str) -> Image:
+    """The image ``ref`` as it runs here, its home directory at ``home``."""
     name = ref.rsplit("/", 1)[-1].split("@")[0].split(":")[0]
     dockerfile = DOCKERFILES.get(name)
     if dockerfile is None:
         raise ImagePullError(f'image "{ref}": no Dockerfile of the repository builds it')
     env, workdir, entrypoint, cmd = parse_final_stage(dockerfile)
-    return Image(ref, {k: _local(v) for k, v in env.items()}, _local(workdir), entrypoint, cmd)
+    return Image(ref, {k: _local(v, home) for k, v in env.items()}, _local(workdir, home), entrypoint, cmd)

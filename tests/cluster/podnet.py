@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LOCALHOST = "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
-# The pod's start: its own /etc/hosts and an empty /tmp (a container's own filesystem), then exec.
-POD_INIT = ('mount --bind "$0" /etc/hosts && mount -t tmpfs -o size=1g tmpfs /tmp && '
-            'mkdir -p "$1" && cd "$1" && shift && exec "$@"')
+# The pod's start: the cluster's /etc/hosts in its own mount namespace, its working directory, exec.
+# (/tmp stays the machine's: a private one would hide a checkout or a virtualenv that lives there.)
+POD_INIT = 'mount --bind "$0" /etc/hosts && mkdir -p "$1" && cd "$1" && shift && exec "$@"'
 
 
 def unavailable() -> str:

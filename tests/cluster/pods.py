@@ -127,7 +127,8 @@ class Pod:
 
     async def start(self) -> None:
         """(Re)start the container; the pod keeps its network namespace and IP across restarts."""
-        image = resolve(self.container["image"])
+        home = self.net.root / "pods" / self.meta.name
+        image = resolve(self.container["image"], str(home))
         if not self.netns:
             self.netns, self.ip = await asyncio.to_thread(self.net.add_pod)
         env = await container_env(self.api, image, self.meta, self.spec, self.container, self.ip)

@@ -29,14 +29,14 @@ def test_head_pod_keeps_a_user_command_in_front_unless_it_starts_ray_itself():
 
 def test_var_references_expand_like_kubernetes():
     assert expand("$(A)/x $$(A) $(MISSING)", {"A": "a"}) == "a/x $(A) $(MISSING)"
-    image = resolve("djinn-bench:0.1.0")
+    image = resolve("djinn-bench:0.1.0", "/pods/p/home")
     assert container_argv(image, {"args": ["--version"]}, {}) == ["djinn-bench", "--version"]  # ENTRYPOINT + args
     assert container_argv(image, {}, {}) == ["djinn-bench", "--help"]  # ENTRYPOINT + CMD
 
 
 def test_images_map_to_the_local_install_with_their_dockerfiles_env():
-    image = resolve("ghcr.io/djinn-bench/djinn-operator:0.1.0")
+    image = resolve("ghcr.io/djinn-bench/djinn-operator:0.1.0", "/pods/p/home")
     assert image.env["DJINN_CONFIG_DIR"] == str(ROOT / "configs") and image.env["PYTHONUNBUFFERED"] == "1"
-    assert image.env["PATH"].split(":")[0].endswith("bin") and image.workdir == "/tmp/home"
+    assert image.env["PATH"].split(":")[0].endswith("bin") and image.workdir == image.env["HOME"] == "/pods/p/home"
     with pytest.raises(ImagePullError, match="no Dockerfile"):
-        resolve("docker.io/minio/minio:RELEASE.2025")
+        resolve("docker.io/minio/minio:RELEASE.2025", "/pods/p/home")
