@@ -34,8 +34,10 @@ def ensure_ray(address: Optional[str], max_agents: int) -> bool:
         connect(address)
         return True
     gpus = torch.cuda.device_count()
-    ray.init(num_cpus=max(os.cpu_count() or 1, max_agents) + 1, num_gpus=gpus, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    # address="local": a new Ray of our own even when the machine runs one (ray start) or left a
+    # /tmp/ray/ray_current_cluster behind, which ray.init() would otherwise join and refuse our num_cpus
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, max_agents) + 1, num_gpus=gpus,
+             include_dashboard=False, log_to_driver=False, configure_logging=False)
     return True
 
 
