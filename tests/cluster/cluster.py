@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import shutil
+import site
 import sys
 import tempfile
 import time
@@ -152,12 +153,12 @@ async def kind_node(log_dir: Path) -> AsyncIterator[Cluster]:
     logging.getLogger("kubelet").setLevel(logging.INFO)
     reap_abandoned(STATE_DIR)
     root = Path(tempfile.mkdtemp(prefix="djinn-cluster-", dir=STATE_DIR))
-    net = PodNetwork(root).up()
+    net = PodNetwork(root, keep=paths_under_tmp()).up()
     moto = ThreadedMotoServer(ip_address=net.node_ip, port=S3_PORT, verbose=False)
     minio = (NAMESPACE, f"{RELEASE}-minio")
     # MinIO serves path-style under its Service name; moto needs to be told that host is not a bucket
+    before = os.environ.get("MOTO_S3_CUSTOM_ENDPOINTS")
     os.environ["MOTO_S3_CUSTOM_ENDPOINTS"] = ",".join(f"http://{n}:{S3_PORT}" for n in service_names(*minio[::-1]))
-    kubelet_task = None
     try:
         moto.start()
         async with ApiServer() as k, kmock.Server(k, host=net.node_ip) as srv, aiohttp.ClientSession() as http:
@@ -187,6 +188,17 @@ async def kind_node(log_dir: Path) -> AsyncIterator[Cluster]:
         moto.stop()
         net.down()
         shutil.rmtree(root, ignore_errors=True)
+        os.environ.pop("MOTO_S3_CUSTOM_ENDPOINTS")
+        if before is not None:
+            os.environ["MOTO_S3_CUSTOM_ENDPOINTS"] = before
+
+
+def paths_under_tmp() -> tuple[str, ...]:
+    """What pods run from that lives under /tmp (a checkout, a virtualenv, PYTHONPATH entries), outermost first."""
+    candidates = {str(ROOT), sys.prefix, sys.base_prefix, *site.getsitepackages(),
+                  *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))}
+    under = sorted(os.path.realpath(p) for p in candidates if os.path.realpath(p).startswith("/tmp/"))
+    return tuple(p for i, p in enumerate(under) if not any(p.startswith(q + "/") for q in under[:i]))
 
 
 def outside_env(cluster: Cluster) -> dict[str, str]:

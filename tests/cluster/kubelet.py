@@ -35,6 +35,7 @@ from pods import Pod, PodConfigError, PodMeta
 log = logging.getLogger("kubelet")
 OWNED = ("Job", "Deployment", "Service", "RayCluster")  # what the garbage collector looks at
 CRASH_BACKOFF_S, CRASH_BACKOFF_MAX_S = 10.0, 300.0
+JOB_BACKOFF_S = 10.0  # the Job controller's: 10 s, doubled after each failure
 
 
 def now_iso() -> str:
@@ -100,9 +101,9 @@ class JobRun:
 
 class Kubelet:
     def __init__(self, api: Api, net: PodNetwork, log_dir: Path, pod_env: dict[str, str],
-                 fixed_services: dict[tuple[str, str], str], job_backoff_s: float = 10.0):
+                 fixed_services: dict[tuple[str, str], str]):
         self.api, self.net, self.log_dir, self.pod_env = api, net, log_dir, pod_env
-        self.fixed_services, self.job_backoff_s = fixed_services, job_backoff_s
+        self.fixed_services = fixed_services
         self.replicas: dict[tuple[str, str, str, str], Replica] = {}  # (kind, ns, name, uid)
         self.jobs: dict[tuple[str, str, str], JobRun] = {}
         self.status_cache: dict[tuple[str, str, str, str], dict] = {}
@@ -144,13 +145,14 @@ class Kubelet:
                     await self.api.delete(kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
 
     async def forget(self, live: dict[str, dict]) -> None:
-        """Pods of objects that are gone (deleted, garbage-collected) stop."""
+        """Pods of objects that are gone (deleted, garbage-collected) stop; they are listed until they have."""
         for key in [k for k in self.replicas if k[1:] not in live[k[0]]]:
-            await self.replicas.pop(key).pod.delete()
+            await self.replicas[key].pod.delete()
+            del self.replicas[key]
         for key in [k for k in self.jobs if k not in live["Job"]]:
-            run = self.jobs.pop(key)
-            if run.pod:
-                await run.pod.delete()
+            if self.jobs[key].pod:
+                await self.jobs[key].pod.delete()
+            del self.jobs[key]
 
     async def shutdown(self) -> None:
         for replica in self.replicas.values():
@@ -172,7 +174,8 @@ class Kubelet:
                            labels={**(meta.get("labels") or {}), **(extra_labels or {})},
                            annotations=dict(meta.get("annotations") or {}))
         spec = template["spec"]
-        env = {} if spec.get("automountServiceAccountToken") is False else self.pod_env
+        no_token = spec.get("automountServiceAccountToken") is False
+        env = {k: v for k, v in self.pod_env.items() if not (no_token and k == "KUBECONFIG")}
         return Pod(self.net, self.api, pod_meta, spec, self.log_dir, extra_env=env)
 
     async def _start(self, pod: Pod) -> str:
@@ -239,7 +242,8 @@ class Kubelet:
         r = self.replicas.get(key)
         if spec.get("replicas", 1) == 0:
             if r:
-                await self.replicas.pop(key).pod.delete()
+                await r.pod.delete()
+                del self.replicas[key]
             return
         if r is None:
             pod = self.new_pod(dep, spec["template"], "")
@@ -270,7 +274,8 @@ class Kubelet:
         r = self.replicas.get(key)
         if rc["spec"].get("suspend"):
             if r:
-                await self.replicas.pop(key).pod.delete()
+                await r.pod.delete()
+                del self.replicas[key]
             await self._patch_status("RayCluster", rc, kuberay.status(rc, False, "", "", now_iso()))
             return
         ns = rc["metadata"]["namespace"]
@@ -316,7 +321,7 @@ class Kubelet:
                 await self._finish(job, run, "Failed", "BackoffLimitExceeded",
                                    "Job has reached the specified backoff limit")
                 return
-            run.next_start = now + self.job_backoff_s * 2 ** (run.failed - 1)
+            run.next_start = now + JOB_BACKOFF_S * 2 ** (run.failed - 1)
         if run.pod is None and now >= run.next_start:
             run.pod = self.new_pod(job, spec["template"], "", {"batch.kubernetes.io/job-name": key[1]})
             if not run.start_time:
@@ -329,14 +334,14 @@ class Kubelet:
                 run.pod, run.next_start = None, now + CRASH_BACKOFF_S
         await self._job_status(job, run, [])
 
-    async def _job_status(self, job: dict, run: JobRun, conditions: list[dict]) -> None:
-        status: dict[str, Any] = {"active": int(run.pod is not None), "failed": run.failed, "succeeded": run.succeeded}
+    async def _job_status(self, job: dict, run: JobRun, conditions: list[dict], **extra: str) -> None:
+        status: dict[str, Any] = {"active": int(run.pod is not None), "failed": run.failed, "succeeded": run.succeeded,
+                                  **extra}
         if run.start_time:
             status["startTime"] = run.start_time
-        stamp = now_iso()
-        status["conditions"] = [{**c, "lastProbeTime": stamp, "lastTransitionTime": stamp} for c in conditions]
-        if not conditions:
-            status.pop("conditions")
+        if conditions:
+            stamp = now_iso()
+            status["conditions"] = [{**c, "lastProbeTime": stamp, "lastTransitionTime": stamp} for c in conditions]
         await self._patch_status("Job", job, status)
 
     async def _finish(self, job: dict, run: JobRun, kind: str, reason: str, message: str) -> None:
@@ -344,14 +349,10 @@ class Kubelet:
             await run.pod.delete()
             run.pod = None
         run.done = True
-        target = "SuccessCriteriaMet" if kind == "Complete" else "FailureTarget"
-        conds = [{"type": target, "status": "True", **({"reason": reason, "message": message} if reason else {})},
-                 {"type": kind, "status": "True", **({"reason": reason, "message": message} if reason else {})}]
-        status_extra = {"completionTime": now_iso()} if kind == "Complete" else {}
-        await self._job_status(job, run, conds)
-        if status_extra:
-            await self.api.patch("Job", job["metadata"]["namespace"], job["metadata"]["name"],
-                                 {"status": status_extra}, status=True)
+        why = {"reason": reason, "message": message} if reason else {}
+        target = "SuccessCriteriaMet" if kind == "Complete" else "FailureTarget"  # Kubernetes >= 1.31 sets both
+        conds = [{"type": target, "status": "True", **why}, {"type": kind, "status": "True", **why}]
+        await self._job_status(job, run, conds, **({"completionTime": now_iso()} if kind == "Complete" else {}))
 
     # -- Services -> DNS ----------------------------------------------------------------
     def sync_dns(self, services: list[dict]) -> None:

@@ -19,9 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LOCALHOST = "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
-# The pod's start: the cluster's /etc/hosts in its own mount namespace, its working directory, exec.
-# (/tmp stays the machine's: a private one would hide a checkout or a virtualenv that lives there.)
-POD_INIT = 'mount --bind "$0" /etc/hosts && mkdir -p "$1" && cd "$1" && shift && exec "$@"'
+# The pod's start, in its own mount namespace: the cluster's /etc/hosts; an empty /tmp of its own (a
+# container's, where Ray keeps its sessions and its current-cluster file), with the machine's paths
+# under /tmp that the pod runs from (a checkout, a virtualenv) bound back; its working directory; exec.
+POD_INIT = (
+    'hosts=$1 side=$2 workdir=$3; shift 3; '
+    'mount --bind "$hosts" /etc/hosts && mount --bind /tmp "$side" && mount -t tmpfs -o size=1g tmpfs /tmp || exit 125; '
+    'while [ "$1" != -- ]; do mkdir -p "$1" && mount --bind "$side${1#/tmp}" "$1" || exit 125; shift; done; shift; '
+    'mkdir -p "$workdir" && cd "$workdir" && exec "$@"')
 
 
 def unavailable() -> str:
@@ -41,6 +46,7 @@ class PodNetwork:
     """One bridge ``djb<tag>`` with address <prefix>.1 (the node: the API server and S3 listen there)."""
 
     root: Path
+    keep: tuple[str, ...] = ()  # the machine's paths under /tmp that pods need (bound into their own /tmp)
     tag: str = field(default_factory=lambda: f"{random.randrange(16**4):04x}")
     names: dict[str, str] = field(default_factory=dict)  # DNS name -> address
     _next: int = 2
@@ -51,9 +57,10 @@ class PodNetwork:
         self.node_ip = f"{self.prefix}.1"
         self.bridge = f"djb{self.tag}"
         self.hosts = self.root / "hosts"
+        self.host_tmp = self.root / "host-tmp"  # where a pod still sees the machine's /tmp
 
     def up(self) -> "PodNetwork":
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.host_tmp.mkdir(parents=True, exist_ok=True)
         (self.root / "owner").write_text(f"{os.getpid()} {self.tag}")
         self._write_hosts()
         _ip("link", "add", self.bridge, "type", "bridge")
@@ -79,7 +86,8 @@ class PodNetwork:
 
     def argv(self, netns: str, workdir: str, argv: list[str]) -> list[str]:
         """``argv`` run inside the pod: its network namespace, the cluster's hosts file, ``workdir``."""
-        return ["ip", "netns", "exec", netns, "sh", "-c", POD_INIT, str(self.hosts), workdir, *argv]
+        return ["ip", "netns", "exec", netns, "sh", "-c", POD_INIT, "pod-init", str(self.hosts), str(self.host_tmp),
+                workdir, *self.keep, "--", *argv]
 
     def pids(self, netns: str) -> list[int]:
         """Every process of the pod (all of a process tree inherits the namespace: Ray's workers too)."""
