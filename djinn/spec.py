@@ -41,6 +41,7 @@ DECODE_MODES = (Baseline.semantic_blind, Baseline.partially_aware, Baseline.full
 RAY_BASELINES = (Baseline.ray_keepalive, Baseline.ray_serverless)
 AGENT_BASELINES = (Baseline.native_pytorch, Baseline.ray_keepalive, Baseline.ray_serverless, Baseline.djinn_agents)
 
+MAX_AGENTS = 4096  # agents one run may start (agentCounts, djinnSweepCap)
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
 _UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
@@ -52,6 +53,30 @@ def parse_quantity(text: str) -> int:
     if not m:
         raise ValueError(f"{text!r} is not a quantity like 512Mi or 80Gi")
     return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+_CPU = re.compile(r"^[0-9]+(\.[0-9]+)?$|^[0-9]+m$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def check_label_value(v: str, what: str) -> str:
+    """A Kubernetes label value (also a toleration value): <= 63 of [-A-Za-z0-9_.], alphanumeric ends."""
+    if len(v) > 63 or not _LABEL_VALUE.match(v):
+        raise ValueError(f"{what} {v!r} is not a valid label value (<= 63 characters [-A-Za-z0-9_.], "
+                         "starting and ending alphanumeric)")
+    return v
+
+
+def check_qualified_name(v: str, what: str) -> str:
+    """A label key or taint key: an optional DNS-subdomain prefix and '/', then a name as a label value."""
+    prefix, _, name = v.rpartition("/")
+    if (not name or len(name) > 63 or not _LABEL_VALUE.match(name)
+            or (prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)))):
+        raise ValueError(f"{what} {v!r} is not a qualified name like example.com/name "
+                         "(name: <= 63 characters [-A-Za-z0-9_.], starting and ending alphanumeric)")
+    return v
 
 
 class _Model(BaseModel):
@@ -75,16 +100,42 @@ class OutputSpec(_Model):
             raise ValueError("only local paths and s3://bucket/prefix are supported")
         return v
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            scheme, sep, rest = v.partition("://")
+            host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+            port = host.rpartition(":")[2] if ":" in host.lstrip("[").split("]")[-1] else "80"
+            if scheme not in ("http", "https") or not sep or not host.strip(":[]") or not port.isdigit():
+                raise ValueError(f"{v!r} is not an http(s)://host[:port] URL")
+        return v
+
     @property
     def is_s3(self) -> bool:
         return self.uri.startswith("s3://")
 
 
 class Toleration(_Model):
+    """A core/v1 toleration, checked by the rules the API server applies to a pod's tolerations."""
+
     key: Optional[str] = None
     operator: Optional[Literal["Exists", "Equal"]] = None
     value: Optional[str] = None
     effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = None
+
+    @model_validator(mode="after")
+    def _api_server_rules(self) -> "Toleration":
+        if self.key:
+            check_qualified_name(self.key, "key")
+        elif self.operator != "Exists":
+            raise ValueError("operator must be Exists when key is empty (it then matches every taint); "
+                             "set a key or operator: Exists")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("value must be empty when operator is Exists")
+        if self.value:
+            check_label_value(self.value, "value")
+        return self
 
 
 class ClusterSpec(_Model):
@@ -97,13 +148,54 @@ class ClusterSpec(_Model):
     gpu: bool = Field(True, description="Request nvidia.com/gpu for the server, Ray head and native jobs")
     gpu_placement: Literal["phased", "separate"] = Field(
         "phased", description="phased: one GPU, released between baseline families; separate: each holds its own")
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Pins the GPU holders; experiments "
+                                          "with the same nodeSelector share one GPU pool and take it in turn")
     tolerations: list[Toleration] = Field(default_factory=list)
     service_account_name: Optional[str] = Field(None, description="For IRSA: a service account with the role annotation")
     credentials_secret: Optional[str] = Field(None, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
     backoff_limit: int = Field(1, ge=0, le=10, description="Retries of a client Job before its run is Failed")
     server_memory: str = Field("16Gi", description="Memory request of the server and Ray head pods")
-    active_deadline_seconds: int = Field(7200, ge=60, description="Deadline of each client Job")
+    server_cpu: str = Field("2", description="CPU request of the server and Ray head pods (and native Jobs)")
+    client_memory: str = Field("2Gi", description="Memory request of client and analysis Jobs")
+    client_cpu: str = Field("1", description="CPU request of client and analysis Jobs")
+    active_deadline_seconds: int = Field(7200, ge=60, le=604800, description="Deadline of each client Job")
+    server_ready_deadline_seconds: int = Field(
+        900, ge=30, le=86400, description="Djinn server not ready this long after the wait began: ServerNotReady")
+    ray_ready_deadline_seconds: int = Field(
+        900, ge=30, le=86400, description="RayCluster head not ready this long after the wait began: RayClusterNotReady")
+    child_conflict_deadline_seconds: int = Field(
+        600, ge=30, le=86400, description="A child's name held this long by an object of another owner: ChildConflict")
+    queue_name: Optional[str] = Field(
+        None, description="Kueue LocalQueue: every child gets the kueue.x-k8s.io/queue-name label and Jobs start "
+                          "suspended for Kueue to admit; the operator's own GPU turn-taking is then left to Kueue")
+
+    @field_validator("server_memory", "client_memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        parse_quantity(v)
+        return v
+
+    @field_validator("server_cpu", "client_cpu")
+    @classmethod
+    def _cpu(cls, v: str) -> str:
+        if not _CPU.match(v):
+            raise ValueError(f"{v!r} is not a CPU quantity like 2, 0.5 or 500m")
+        return v
+
+    @field_validator("node_selector")
+    @classmethod
+    def _selector(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            check_qualified_name(key, "label key")
+            check_label_value(value, f"value of {key}:")
+        return v
+
+    @field_validator("queue_name")
+    @classmethod
+    def _queue(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and (len(v) > 63 or not _DNS_LABEL.match(v)):
+            raise ValueError(f"{v!r} is not a LocalQueue name (a DNS label: lowercase alphanumerics and '-')")
+        return v
 
 
 class ExperimentSpec(_Model):
@@ -118,19 +210,21 @@ class ExperimentSpec(_Model):
     prompt_file: Optional[str] = None
     baselines: list[Baseline] = Field(
         default_factory=lambda: list(AGENT_BASELINES), min_length=1)
-    agent_counts: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32], min_length=1)
-    iterations: int = Field(1, ge=1, description="Reason->Act->Reflect cycles per agent; each cycle grows the "
+    agent_counts: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32], min_length=1,
+                                    json_schema_extra={"items": {"type": "integer", "minimum": 1,
+                                                                 "maximum": MAX_AGENTS}})
+    iterations: int = Field(1, ge=1, le=1000, description="Reason->Act->Reflect cycles per agent; each cycle grows the "
                                                   "agent's history (a server session holds --max-seq-len tokens)")
     min_steps: Optional[int] = Field(
-        None, ge=1, description="Steps to measure per N at least (100 for a p99 of real samples): each N runs "
+        None, ge=1, le=1_000_000, description="Steps to measure per N at least (100 for a p99 of real samples): each N runs "
                                 "in ceil(minSteps / (2 x N x iterations)) rounds of fresh agents; one round when unset")
-    runs: int = Field(30, ge=1, description="Decode runs per mode (Experiment 2.1)")
-    warmup_runs: int = Field(5, ge=0, description="Runs discarded before measuring")
+    runs: int = Field(30, ge=1, le=10_000, description="Decode runs per mode (Experiment 2.1)")
+    warmup_runs: int = Field(5, ge=0, le=1000, description="Runs discarded before measuring")
     new_tokens: int = Field(50, ge=1, le=4096)
-    sleep_seconds: float = Field(10.0, ge=0, description="Act phase: seconds each agent sleeps")
+    sleep_seconds: float = Field(10.0, ge=0, le=3600, description="Act phase: seconds each agent sleeps")
     stop_on_oom: bool = True
     djinn_sweep_cap: Optional[int] = Field(
-        None, ge=1, description="djinn_agents: after agentCounts, keep doubling N up to this cap and stop at the "
+        None, ge=1, le=MAX_AGENTS, description="djinn_agents: after agentCounts, keep doubling N up to this cap and stop at the "
                                 "first failure, so Djinn's limit is measured; unset: agentCounts only")
     gpu_per_actor: float = Field(0.01, gt=0, le=1, description="Ray keep-alive: logical GPU per actor")
     gpu_per_task: float = Field(1.0, gt=0, le=1, description="Ray serverless: logical GPU per step task "
@@ -139,16 +233,17 @@ class ExperimentSpec(_Model):
         None, description="Keep-alive device memory cap (e.g. 1Mi) shared by all actors; for CPU runs")
     seed: int = 0
     djinn_server: Optional[str] = Field(None, description="host:port of a running Djinn data plane; started locally when unset")
-    ray_address: Optional[str] = Field(None, description="Existing Ray cluster; a local Ray is started when unset")
+    ray_address: Optional[str] = Field(None, description="Existing Ray cluster (ray://host:port, host:port or "
+                                                          "auto); a local Ray is started when unset")
     output: OutputSpec = Field(default_factory=lambda: OutputSpec(uri="out"))
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
 
     @field_validator("agent_counts")
     @classmethod
     def _counts(cls, v: list[int]) -> list[int]:
-        bad = [n for n in v if n < 1]
+        bad = [n for n in v if not 1 <= n <= MAX_AGENTS]
         if bad:
-            raise ValueError(f"agent counts must be >= 1, got {bad[0]}")
+            raise ValueError(f"agent counts must be between 1 and {MAX_AGENTS}, got {bad[0]}")
         return sorted(set(v))
 
     @field_validator("baselines")
@@ -168,6 +263,16 @@ class ExperimentSpec(_Model):
     def _hostport(cls, v: Optional[str]) -> Optional[str]:
         if v is not None:
             split_hostport(v)
+        return v
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v != "auto":
+            try:
+                split_hostport(v.removeprefix("ray://"))
+            except ValueError:
+                raise ValueError(f"{v!r} is not ray://host:port, host:port or auto") from None
         return v
 
     @model_validator(mode="after")

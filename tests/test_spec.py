@@ -37,12 +37,37 @@ def test_embedded_default_is_valid_and_small():
     ({"djinnServer": "nohost"}, "spec.djinnServer"),
     ({"agentCount": [1]}, "spec.agentCount"),
     ({"cluster": {"backoffLimit": -1}}, "spec.cluster.backoffLimit"),
+    # bounds the CRD states, and rules the API server would apply to the pods
+    ({"sleepSeconds": 1e9}, "spec.sleepSeconds"),
+    ({"agentCounts": [1, 1000000]}, "spec.agentCounts"),
+    ({"iterations": 10**6}, "spec.iterations"),
+    ({"djinnSweepCap": 10**6}, "spec.djinnSweepCap"),
+    ({"rayAddress": "garbage"}, "spec.rayAddress"),
+    ({"output": {"uri": "s3://b/p", "endpointUrl": "minio:9000"}}, "spec.output.endpointUrl"),
+    ({"cluster": {"tolerations": [{"operator": "Equal", "value": "x"}]}}, "spec.cluster.tolerations.0"),
+    ({"cluster": {"tolerations": [{"key": "k", "operator": "Exists", "value": "x"}]}}, "spec.cluster.tolerations.0"),
+    ({"cluster": {"tolerations": [{"key": "bad key", "operator": "Exists"}]}}, "spec.cluster.tolerations.0"),
+    ({"cluster": {"nodeSelector": {"gpu": "a100!"}}}, "spec.cluster.nodeSelector"),
+    ({"cluster": {"serverCpu": "lots"}}, "spec.cluster.serverCpu"),
+    ({"cluster": {"clientMemory": "2 GB"}}, "spec.cluster.clientMemory"),
+    ({"cluster": {"queueName": "Team_A"}}, "spec.cluster.queueName"),
+    ({"cluster": {"serverReadyDeadlineSeconds": 5}}, "spec.cluster.serverReadyDeadlineSeconds"),
 ])
 def test_bad_specs_fail_with_one_line_naming_the_field(patch, field):
     with pytest.raises(SpecError) as err:
         parse_spec(dict(EMBEDDED_DEFAULT, **patch))
     msg = str(err.value)
     assert msg.startswith(field + ":") and "\n" not in msg
+
+
+def test_addresses_and_tolerations_the_api_server_takes_are_accepted():
+    spec = parse_spec(dict(EMBEDDED_DEFAULT, rayAddress="ray://head-svc.ns.svc:10001", cluster={
+        "tolerations": [{"operator": "Exists"}, {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present",
+                                                 "effect": "NoSchedule"}],
+        "nodeSelector": {"node.kubernetes.io/instance-type": "p4d.24xlarge"}, "serverCpu": "500m"}))
+    assert spec.cluster.tolerations[0].key is None and spec.cluster.server_cpu == "500m"
+    for address in ("auto", "head:6379"):
+        assert parse_spec(dict(EMBEDDED_DEFAULT, rayAddress=address)).ray_address == address
 
 
 def test_document_kind_and_version_are_checked():
@@ -65,7 +90,7 @@ def test_cli_rejects_bad_spec_with_one_line_and_exit_2(tmp_path, capsys):
                    "spec:\n  agentCounts: [0]\n")
     assert main(["validate", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "djinn-bench: spec.agentCounts: agent counts must be >= 1, got 0"
+    assert err == "djinn-bench: spec.agentCounts: agent counts must be between 1 and 4096, got 0"
     assert main(["run", "--spec-json", "{not json"]) == 2
     assert "--spec-json" in capsys.readouterr().err
     assert main(["run", "--agent-counts", "1", "--baselines", "nope", "--output-dir", str(tmp_path / "o")]) == 2

@@ -7,16 +7,17 @@ from typing import Any
 import kopf
 
 from . import handlers  # noqa: F401  (registers the handlers)
+from .k8s import watched_namespaces
 
 
-def kopf_args(watch_namespace: str) -> dict[str, Any]:
-    namespaces = [n.strip() for n in watch_namespace.split(",") if n.strip()]
+def kopf_args(namespaces: list[str]) -> dict[str, Any]:
     return {"standalone": True, "clusterwide": not namespaces, "namespaces": namespaces}
 
 
 def main() -> None:
     kopf.configure()
-    kopf.run(**kopf_args(os.environ.get("WATCH_NAMESPACE", "")),
+    handlers.reconcile_interval()  # a bad value stops here with one line, not in the ticker
+    kopf.run(**kopf_args(watched_namespaces()),
              liveness_endpoint=os.environ.get("LIVENESS_ENDPOINT") or None)
 
 

@@ -1,24 +1,56 @@
-"""kopf wiring, kept thin: every trigger runs reconcile() for the experiment concerned."""
+"""kopf wiring, kept thin: every trigger runs reconcile() for the experiment concerned.
+
+Besides kopf's triggers, one ticker reconciles every unfinished experiment each
+``DJINN_RECONCILE_SECONDS`` (default 15), so deadlines fire and vanished children come back
+while nothing in the cluster changes. It is a task of the operator, not a kopf timer: timers
+put a finalizer on every object, and deletion must never wait for the operator.
+"""
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
+import os
 from typing import Any, Optional
 
 import kopf
 
 from djinn.spec import GROUP, KIND, PLURAL, VERSION
 
-from . import k8s
+from . import k8s, plan
 from .names import EXPERIMENT_LABEL
 from .reconcile import reconcile
 
 CHILDREN = {EXPERIMENT_LABEL: kopf.PRESENT}
+log = logging.getLogger(__name__)
+
+
+def reconcile_interval() -> float:
+    raw = os.environ.get("DJINN_RECONCILE_SECONDS", "15")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise SystemExit(f"DJINN_RECONCILE_SECONDS: expected seconds > 0, got {raw!r}")
+    return value
+
+
+async def tick(memo: kopf.Memo, interval: float) -> None:
+    """Reconcile every unfinished experiment, forever; a failed round is logged and the next one retries."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            for obj in await k8s.list_all(KIND):
+                if (obj.get("status") or {}).get("phase") not in plan.FINISHED:
+                    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+                    await reconcile(ns, name, memo.locks[ns, name])
+        except Exception:  # noqa: BLE001  (the ticker outlives any one failure)
+            log.exception("periodic reconcile failed; retrying in %s s", interval)
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """kopf's own state in ``djinn.io/`` annotations only; nothing is written to status by kopf."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -26,6 +58,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.WARNING
     settings.execution.default_backoff = 10  # a failed reconcile (API or S3 blip) is retried after 10 s
     memo.locks = collections.defaultdict(asyncio.Lock)
+    memo.ticker = asyncio.create_task(tick(memo, reconcile_interval()))
+
+
+@kopf.on.cleanup()
+async def stop_ticker(memo: kopf.Memo, **_: Any) -> None:
+    memo.ticker.cancel()
 
 
 @kopf.on.login()

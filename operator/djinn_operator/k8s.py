@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
+import uuid
+from datetime import datetime, timezone
 from typing import Any, Optional
 
 import kopf
@@ -23,6 +26,7 @@ RESOURCES = {  # kind -> (apiGroup, version, plural)
     "Deployment": ("apps", "v1", "deployments"),
     "Service": ("", "v1", "services"),
     "RayCluster": ("ray.io", "v1", "rayclusters"),
+    "Event": ("", "v1", "events"),
 }
 
 _WATCHED = ("list", "watch", "patch")  # kopf watches these and keeps its annotations on them
@@ -32,8 +36,9 @@ API_CALLS: tuple[tuple[str, str, str], ...] = (
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
     ("", "namespaces", "list"),
     ("", "namespaces", "watch"),
-    ("", "events", "create"),
-    # the custom resource: kopf watches and annotates it; the reconciler reads it and writes status
+    ("", "events", "create"),  # also the reconciler's own Events
+    # the custom resource: kopf watches and annotates it; the reconciler reads it (and lists its GPU pool's
+    # queue) and writes status
     *((GROUP, PLURAL, v) for v in _WATCHED),
     (GROUP, PLURAL, "get"),
     (GROUP, f"{PLURAL}/status", "patch"),
@@ -42,8 +47,10 @@ API_CALLS: tuple[tuple[str, str, str], ...] = (
     # children
     *(("batch", "jobs", v) for v in ("get", "create", *_WATCHED)),
     *(("apps", "deployments", v) for v in ("get", "create", "delete", *_WATCHED)),
+    ("", "services", "get"),
     ("", "services", "create"),
-    *(("ray.io", "rayclusters", v) for v in ("get", "create", *_WATCHED)),
+    # deleted (not suspended) when Kueue owns spec.suspend
+    *(("ray.io", "rayclusters", v) for v in ("get", "create", "delete", *_WATCHED)),
 )
 
 _api: Optional[client.ApiClient] = None
@@ -73,15 +80,21 @@ def connection_info() -> kopf.ConnectionInfo:
         certificate_path=cfg.cert_file, private_key_path=cfg.key_file)
 
 
-async def _call(verb: str, kind: str, namespace: str, name: Optional[str] = None,
+def watched_namespaces() -> list[str]:
+    """WATCH_NAMESPACE (comma-separated); empty: cluster-wide."""
+    return [n.strip() for n in os.environ.get("WATCH_NAMESPACE", "").split(",") if n.strip()]
+
+
+async def _call(verb: str, kind: str, namespace: Optional[str], name: Optional[str] = None,
                 body: Any = None, subresource: Optional[str] = None) -> Any:
     group, version, plural = RESOURCES[kind]
     resource = f"{plural}/{subresource}" if subresource else plural
     if (group, resource, verb) not in API_CALLS:
         raise PermissionError(f"{verb} {group or 'core'}/{resource} is not in API_CALLS")
-    path = (f"/apis/{group}/{version}" if group else f"/api/{version}") + f"/namespaces/{namespace}/{plural}"
+    path = (f"/apis/{group}/{version}" if group else f"/api/{version}") + \
+        (f"/namespaces/{namespace}" if namespace else "") + f"/{plural}"
     path += "".join(f"/{p}" for p in (name, subresource) if p)
-    method = {"get": "GET", "create": "POST", "patch": "PATCH", "delete": "DELETE"}[verb]
+    method = {"get": "GET", "list": "GET", "create": "POST", "patch": "PATCH", "delete": "DELETE"}[verb]
     headers = {"Accept": "application/json"}
     if verb == "patch":
         headers["Content-Type"] = "application/merge-patch+json"
@@ -108,6 +121,15 @@ async def get(kind: str, namespace: str, name: str) -> Optional[dict]:
         raise
 
 
+async def list_all(kind: str) -> list[dict]:
+    """Every object of ``kind`` the operator watches: per watched namespace, or cluster-wide."""
+    spaces: list[Optional[str]] = list(watched_namespaces()) or [None]
+    out: list[dict] = []
+    for ns in spaces:
+        out += (await _call("list", kind, ns))["items"]
+    return out
+
+
 async def create(obj: dict) -> bool:
     """Create; False when it already exists (a retry or a restarted operator adopts it)."""
     try:
@@ -130,3 +152,18 @@ async def delete(kind: str, namespace: str, name: str) -> None:
 async def patch(kind: str, namespace: str, name: str, body: dict, subresource: Optional[str] = None) -> None:
     """JSON merge patch (null removes a key)."""
     await _call("patch", kind, namespace, name, body=body, subresource=subresource)
+
+
+async def event(owner: dict, type_: str, reason: str, message: str) -> None:
+    """Post a core/v1 Event about ``owner`` (what ``kubectl describe`` lists)."""
+    meta = owner["metadata"]
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = {"apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid")},
+            "type": type_, "reason": reason, "message": message[:1024],
+            "source": {"component": "djinn-operator"}, "reportingComponent": "djinn.io/operator",
+            "reportingInstance": socket.gethostname()[:128],
+            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1}
+    await _call("create", "Event", meta["namespace"], body=body)

@@ -13,6 +13,12 @@ from . import names, raycluster
 
 CONTROL_PORT, DATA_PORT = 5555, 5556
 GPU = "nvidia.com/gpu"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+RUN_AS = 10001  # the images' djinn user (numeric, so the kubelet can check runAsNonRoot)
+# Pod Security "restricted": non-root, no privilege escalation, no capabilities, the runtime's seccomp profile
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 DJINN_FAMILY = (Baseline.djinn_agents, *DECODE_MODES)
 
 
@@ -60,23 +66,35 @@ class Experiment:
                           separators=(",", ":"), sort_keys=True)
 
 
+def _labels(exp: Experiment, component: str, **extra: str) -> dict[str, str]:
+    """Labels of a child and its pods; Kueue's queue label when the experiment names a LocalQueue."""
+    queue = exp.spec.cluster.queue_name
+    return names.labels(exp.name, component, **extra, **({KUEUE_QUEUE_LABEL: queue} if queue else {}))
+
+
 def _meta(exp: Experiment, name: str, labels: dict[str, str]) -> dict[str, Any]:
     return {"name": name, "namespace": exp.namespace, "labels": labels}
 
 
-def _resources(exp: Experiment, gpu: bool, memory: Optional[str] = None) -> dict[str, Any]:
-    res: dict[str, Any] = {}
-    if memory:
-        res["requests"] = {"memory": memory}
-    if gpu and exp.spec.cluster.gpu:
+def _resources(exp: Experiment, holder: bool) -> dict[str, Any]:
+    """Requests on every container (server sizes for GPU holders, client sizes otherwise); the GPU as a limit."""
+    c = exp.spec.cluster
+    cpu, memory = (c.server_cpu, c.server_memory) if holder else (c.client_cpu, c.client_memory)
+    res: dict[str, Any] = {"requests": {"cpu": cpu, "memory": memory}}
+    if holder and c.gpu:
         res["limits"] = {GPU: 1}
     return res
 
 
+def _container(exp: Experiment, name: str, image: str, holder: bool, **fields: Any) -> dict[str, Any]:
+    return {"name": name, "image": image, "imagePullPolicy": exp.spec.cluster.image_pull_policy, **fields,
+            "resources": _resources(exp, holder), "securityContext": dict(CONTAINER_SECURITY)}
+
+
 def _pod(exp: Experiment, containers: list[dict], gpu: bool, **extra: Any) -> dict[str, Any]:
-    """Pod spec; the node selector only pins GPU holders, tolerations apply to every pod."""
+    """Pod spec (Pod Security restricted); the node selector only pins GPU holders, tolerations apply to every pod."""
     c = exp.spec.cluster
-    pod: dict[str, Any] = {"containers": containers, **extra}
+    pod: dict[str, Any] = {"containers": containers, "securityContext": dict(POD_SECURITY), **extra}
     if gpu and c.node_selector:
         pod["nodeSelector"] = dict(c.node_selector)
     if c.tolerations:
@@ -85,7 +103,7 @@ def _pod(exp: Experiment, containers: list[dict], gpu: bool, **extra: Any) -> di
 
 
 def server_labels(exp: Experiment) -> dict[str, str]:
-    return names.labels(exp.name, "server")
+    return _labels(exp, "server")
 
 
 def server_command(spec: ExperimentSpec) -> list[str]:
@@ -99,17 +117,13 @@ def server_command(spec: ExperimentSpec) -> list[str]:
 def server_deployment(exp: Experiment) -> dict[str, Any]:
     """One replica, Recreate (never two pods on one GPU); progressDeadlineSeconds bounds provisioning."""
     c, labels = exp.spec.cluster, server_labels(exp)
-    container = {
-        "name": "djinn-server", "image": c.server_image or c.image, "imagePullPolicy": c.image_pull_policy,
-        "command": server_command(exp.spec),
-        "ports": [{"name": "control", "containerPort": CONTROL_PORT},
-                  {"name": "data", "containerPort": DATA_PORT}],
-        "readinessProbe": {"httpGet": {"path": "/healthz", "port": CONTROL_PORT}, "periodSeconds": 5},
-        "resources": _resources(exp, gpu=True, memory=c.server_memory),
-    }
+    container = _container(
+        exp, "djinn-server", c.server_image or c.image, holder=True, command=server_command(exp.spec),
+        ports=[{"name": "control", "containerPort": CONTROL_PORT}, {"name": "data", "containerPort": DATA_PORT}],
+        readinessProbe={"httpGet": {"path": "/healthz", "port": CONTROL_PORT}, "periodSeconds": 5})
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(exp, exp.server_name, labels),
             "spec": {"replicas": 1, "strategy": {"type": "Recreate"},
-                     "progressDeadlineSeconds": c.active_deadline_seconds,
+                     "progressDeadlineSeconds": c.server_ready_deadline_seconds,
                      "selector": {"matchLabels": labels},
                      "template": {"metadata": {"labels": labels},
                                   "spec": _pod(exp, [container], gpu=True)}}}
@@ -124,12 +138,11 @@ def server_service(exp: Experiment) -> dict[str, Any]:
 
 
 def ray_cluster(exp: Experiment) -> dict[str, Any]:
-    c, labels = exp.spec.cluster, names.labels(exp.name, "ray")
+    c, labels = exp.spec.cluster, _labels(exp, "ray")
     params = {"dashboard-host": "0.0.0.0", **({"num-gpus": "1"} if c.gpu else {})}
-    head = {"name": "ray-head", "image": c.ray_image or c.image, "imagePullPolicy": c.image_pull_policy,
-            "ports": [{"name": "gcs", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
-                      {"name": "client", "containerPort": raycluster.CLIENT_PORT}],
-            "resources": _resources(exp, gpu=True, memory=c.server_memory)}
+    head = _container(exp, "ray-head", c.ray_image or c.image, holder=True,
+                      ports=[{"name": "gcs", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
+                             {"name": "client", "containerPort": raycluster.CLIENT_PORT}])
     return raycluster.RayCluster(
         metadata=_meta(exp, exp.ray_name, labels),
         spec=raycluster.RayClusterSpec(head_group_spec=raycluster.HeadGroupSpec(
@@ -144,9 +157,7 @@ def _job(exp: Experiment, name: str, labels: dict[str, str], command: list[str],
           ([{"name": "AWS_REGION", "value": out.region}] if out.region else [])
     # a Job that holds the GPU (native_pytorch) needs the CUDA image the server runs
     image = (c.server_image or c.image) if gpu and c.gpu else c.image
-    container: dict[str, Any] = {
-        "name": "djinn-bench", "image": image, "imagePullPolicy": c.image_pull_policy, "command": command,
-        "resources": _resources(exp, gpu, c.server_memory if gpu else None)}
+    container = _container(exp, "djinn-bench", image, holder=gpu, command=command)
     if env:
         container["env"] = env
     if c.credentials_secret:
@@ -156,6 +167,7 @@ def _job(exp: Experiment, name: str, labels: dict[str, str], command: list[str],
         extra["serviceAccountName"] = c.service_account_name
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(exp, name, labels),
             "spec": {"backoffLimit": c.backoff_limit, "activeDeadlineSeconds": c.active_deadline_seconds,
+                     **({"suspend": True} if c.queue_name else {}),  # Kueue admits it
                      "template": {"metadata": {"labels": labels}, "spec": _pod(exp, [container], gpu, **extra)}}}
 
 
@@ -179,12 +191,12 @@ def run_command(exp: Experiment, baseline: str, n: Optional[int]) -> list[str]:
 def run_job(exp: Experiment, baseline: str, n: Optional[int]) -> dict[str, Any]:
     """Client Job of one run; native_pytorch holds the GPU itself."""
     extra = {"djinn.io/baseline": baseline, **({"djinn.io/agents": str(n)} if n is not None else {})}
-    return _job(exp, names.run_job(exp.name, baseline, n), names.labels(exp.name, "run", **extra),
+    return _job(exp, names.run_job(exp.name, baseline, n), _labels(exp, "run", **extra),
                 run_command(exp, baseline, n), gpu=family(baseline) == "native")
 
 
 def analysis_job(exp: Experiment) -> dict[str, Any]:
     """Figure 6, Table 2 and claims.json from every result document of the experiment."""
     uri = exp.results_uri
-    return _job(exp, names.analysis_job(exp.name), names.labels(exp.name, "analysis"),
+    return _job(exp, names.analysis_job(exp.name), _labels(exp, "analysis"),
                 ["djinn-bench", "analyze", "--input", uri, "--output", uri, *_endpoint(exp)], gpu=False)

@@ -5,6 +5,9 @@ a retry or a restarted operator finds (or re-creates under the same name) what i
 Runs go one at a time in family order native -> ray -> djinn; with ``gpuPlacement: phased``
 only the current family's GPU holder exists (the RayCluster is suspended and the Djinn
 server deleted when their phase ends), with ``separate`` both live until their runs finish.
+
+Every wait has a deadline counted from ``status.waitingSince``; the reconciler runs
+periodically, so a deadline fires although nothing in the cluster changes.
 """
 from __future__ import annotations
 
@@ -18,12 +21,12 @@ from djinn.spec import DECODE_MODES, KIND, Baseline, ExperimentSpec, SpecError, 
 
 from . import manifests, names, raycluster
 from .manifests import Experiment, family
-from .status import Analysis, Children, Current, Run, Status, set_condition
+from .status import Analysis, Children, Current, Run, Status, condition, drop_condition, set_condition
 
 DONE: frozenset[str] = frozenset({"Succeeded", "Failed", "OOM", "Skipped"})
 FINISHED: frozenset[str] = frozenset({"Succeeded", "Failed"})
 FAMILY_ORDER = ("native", "ray", "djinn")
-RAY_READY_DEADLINE_S = 1800  # KubeRay has no progress deadline of its own
+MAX_CHILD_REJECTIONS = 3  # refused writes of a child in a row before the experiment fails (ChildRejected)
 
 
 @dataclass(frozen=True)
@@ -35,19 +38,47 @@ class Result:
 
 
 @dataclass(frozen=True)
+class Turn:
+    """This experiment waits for its GPU pool: who holds it (or is next) and our place in line."""
+
+    holder: str
+    position: int
+
+
+@dataclass(frozen=True)
 class Observed:
-    """What the reconciler read from the cluster and S3 for this step (None: absent)."""
+    """What the reconciler read from the cluster and S3 for this step (None: absent).
+
+    A child whose name is taken by an object of another owner (a deleted experiment's child the
+    garbage collector has not removed yet) is never adopted: it reads as absent, listed in ``foreign``.
+    """
 
     job: Optional[dict] = None           # Job of the Running run
     result: Optional[Result] = None      # its result document, looked up once the Job succeeded
     server: Optional[dict] = None        # Djinn server Deployment
+    service: Optional[dict] = None       # its Service
     ray: Optional[dict] = None           # RayCluster
     analysis: Optional[dict] = None      # analysis Job
+    foreign: tuple[str, ...] = ()        # "Kind/name" of children held by another owner
+    turn: Optional[Turn] = None          # set while the GPU pool is someone else's turn
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event about the experiment (``kubectl describe ase``)."""
+
+    type: str  # Normal | Warning
+    reason: str
+    message: str
 
 
 @dataclass(frozen=True)
 class Create:
     obj: dict
+
+    @property
+    def target(self) -> str:
+        return f"{self.obj['kind']}/{self.obj['metadata']['name']}"
 
 
 @dataclass(frozen=True)
@@ -55,11 +86,19 @@ class Delete:
     kind: str
     name: str
 
+    @property
+    def target(self) -> str:
+        return f"{self.kind}/{self.name}"
+
 
 @dataclass(frozen=True)
 class Suspend:
     name: str
     suspend: bool
+
+    @property
+    def target(self) -> str:
+        return f"RayCluster/{self.name}"
 
 
 Action = Union[Create, Delete, Suspend]
@@ -96,9 +135,26 @@ def current(st: Status) -> Optional[int]:
     return next((i for i, r in enumerate(st.runs) if r.state not in DONE), None)
 
 
+def started(st: Status) -> bool:
+    """Past the queue: some run left Pending (from then on the experiment holds its GPU pool)."""
+    return any(r.state != "Pending" for r in st.runs) or st.phase in ("Provisioning", "Running", "Analyzing")
+
+
+def holds_gpu(exp: Experiment) -> bool:
+    """Whether any of the experiment's pods asks for a GPU of its pool (external server / Ray do not count)."""
+    return exp.spec.cluster.gpu and bool(exp.server_name or exp.ray_name or any(
+        family(b.value) == "native" for b in exp.spec.baselines))
+
+
+def pool(exp: Experiment) -> str:
+    """GPU pool key: experiments with the same node selector compete for the same GPUs."""
+    return ",".join(f"{k}={v}" for k, v in sorted(exp.spec.cluster.node_selector.items())) or "any node"
+
+
 def fail(st: Status, reason: str, message: str, now: str) -> None:
     st.phase = "Failed"
     set_condition(st, "Failed", "True", reason, message, now)
+    set_condition(st, "Progressing", "False", "Failed", "", now)
 
 
 def prepare(exp_name: str, namespace: str, raw: Any, status: dict, now: str
@@ -117,6 +173,7 @@ def prepare(exp_name: str, namespace: str, raw: Any, status: dict, now: str
             st = Status(phase="Failed", spec_hash=h)
             set_condition(st, "Valid", "False", "InvalidSpec", str(exc), now)
             fail(st, "InvalidSpec", str(exc), now)
+            summarize(st, now)
             return st, None
         exp = Experiment(exp_name, namespace, spec)
         st = Status(spec_hash=h, planned_spec=exp.spec_json(), results_uri=exp.results_uri,
@@ -161,7 +218,7 @@ def server_state(dep: Optional[dict]) -> str:
 
 def desired_infra(exp: Experiment, st: Status) -> tuple[bool, bool]:
     """(server wanted, Ray wanted) for the runs still to go."""
-    if st.phase in ("Analyzing", *FINISHED):
+    if st.phase in ("Queued", "Analyzing", *FINISHED):
         return False, False
     left = [family(r.baseline) for r in st.runs if r.state not in DONE]
     fams = set(left[:1] if exp.spec.cluster.gpu_placement == "phased" else left)
@@ -176,11 +233,16 @@ def infra_actions(exp: Experiment, st: Status, obs: Observed) -> list[Action]:
     if exp.ray_name:
         if want_ray and obs.ray is None:
             create.append(Create(manifests.ray_cluster(exp)))
+        elif obs.ray is not None and exp.spec.cluster.queue_name:  # Kueue owns spec.suspend
+            if not want_ray:
+                release.append(Delete("RayCluster", exp.ray_name))
         elif obs.ray is not None and raycluster.is_suspended(obs.ray) == want_ray:
             (create if want_ray else release).append(Suspend(exp.ray_name, not want_ray))
     if exp.server_name:
+        if want_server and obs.service is None:
+            create.append(Create(manifests.server_service(exp)))
         if want_server and obs.server is None:
-            create += [Create(manifests.server_service(exp)), Create(manifests.server_deployment(exp))]
+            create.append(Create(manifests.server_deployment(exp)))
         elif not want_server and obs.server is not None:
             release.append(Delete("Deployment", exp.server_name))
     return release + create
@@ -191,21 +253,33 @@ def _age_s(stamp: str, now: str) -> float:
     return (parse(now) - parse(stamp)).total_seconds()
 
 
+def _waited(st: Status, now: str) -> float:
+    """Seconds since the current wait began (starting the clock on first call)."""
+    st.waiting_since = st.waiting_since or now
+    return _age_s(st.waiting_since, now)
+
+
 def _infra_ready(exp: Experiment, fam: str, obs: Observed, st: Status, now: str) -> bool:
+    """Whether the family's GPU holder is up; its readiness deadline fails the experiment.
+    Under Kueue the wait for admission is Kueue's to bound, so no deadline applies."""
+    c = exp.spec.cluster
     if fam == "ray" and exp.ray_name:
         if raycluster.is_ready(obs.ray):
             return True
-        created = ((obs.ray or {}).get("metadata") or {}).get("creationTimestamp")
-        if created and _age_s(created, now) > RAY_READY_DEADLINE_S:
+        if _waited(st, now) > c.ray_ready_deadline_seconds and not c.queue_name:
             fail(st, "RayClusterNotReady", f"RayCluster {exp.ray_name} was not ready "
-                 f"{RAY_READY_DEADLINE_S} s after its creation (image pull, GPU capacity, KubeRay operator?)", now)
+                 f"{c.ray_ready_deadline_seconds} s after the wait began (image pull, GPU capacity, KubeRay "
+                 "operator?); raise spec.cluster.rayReadyDeadlineSeconds if it needs longer", now)
         return False
     if fam == "djinn" and exp.server_name:
         state = server_state(obs.server)
-        if state == "Stuck":
-            fail(st, "ServerNotReady", f"Djinn server {exp.server_name} did not become ready "
-                 "(ProgressDeadlineExceeded)", now)
-        return state == "Ready"
+        if state == "Ready":
+            return True
+        if state == "Stuck" or (_waited(st, now) > c.server_ready_deadline_seconds and not c.queue_name):
+            fail(st, "ServerNotReady", f"Djinn server {exp.server_name} was not ready "
+                 f"{c.server_ready_deadline_seconds} s after the wait began (image pull, GPU capacity, model "
+                 "load? see its pod's log); raise spec.cluster.serverReadyDeadlineSeconds if it needs longer", now)
+        return False
     return True
 
 
@@ -246,6 +320,7 @@ def _advance_runs(exp: Experiment, st: Status, obs: Observed, now: str) -> list[
             if st.phase != "Failed":
                 st.phase = "Provisioning"
             return []
+        st.waiting_since = None
         run.state, run.started_at, st.phase = "Running", now, "Running"
         return [Create(manifests.run_job(exp, run.baseline, run.n))]
     return _advance_analysis(exp, st, obs, now)
@@ -269,25 +344,116 @@ def _advance_analysis(exp: Experiment, st: Status, obs: Observed, now: str) -> l
     return []
 
 
-def _summarize(st: Status, now: str) -> None:
+def summarize(st: Status, now: str) -> None:
+    """Progress, current run, and Ready / Progressing / Failed (+ Complete) agreeing with the phase."""
     done = sum(r.state in DONE for r in st.runs)
-    st.progress = f"{done}/{len(st.runs)}"
+    st.progress = f"{done}/{len(st.runs)}" if st.runs else None
     i = current(st)
     live = st.phase not in FINISHED and i is not None
     st.current = Current(baseline=st.runs[i].baseline, n=st.runs[i].n) if live else None
     if st.phase in FINISHED:
+        st.waiting_since = None
         set_condition(st, "Progressing", "False", st.phase, "", now)
-    else:
+    elif st.phase != "Queued":  # the queue writes its own message
         what = f"{st.runs[i].label} (job {st.runs[i].job})" if live else "analysis"
         set_condition(st, "Progressing", "True", st.phase, f"{st.phase}: {what}", now)
+    failed = condition(st, "Failed")
+    if st.phase != "Failed":
+        set_condition(st, "Failed", "False", "NoFailure", "", now)
     if st.phase == "Succeeded":
+        set_condition(st, "Ready", "True", "Succeeded", f"results and analysis under {st.results_uri}", now)
         set_condition(st, "Complete", "True", "Succeeded", f"results and analysis under {st.results_uri}", now)
+    else:
+        reason = failed.reason if st.phase == "Failed" and failed else st.phase
+        set_condition(st, "Ready", "False", reason, "", now)
+
+
+def _queue(exp: Experiment, st: Status, obs: Observed, now: str) -> bool:
+    """Wait in phase Queued while another experiment holds (or is first in line for) the GPU pool."""
+    if obs.turn is None or started(st):
+        if condition(st, "Queued"):
+            set_condition(st, "Queued", "False", "Admitted", f"GPU pool {pool(exp)} taken", now)
+        return False
+    st.phase = "Queued"
+    message = f"waiting for GPU pool {pool(exp)}: held by {obs.turn.holder}; position {obs.turn.position}"
+    set_condition(st, "Queued", "True", "WaitingForGPU", message, now)
+    set_condition(st, "Progressing", "True", "Queued", message, now)
+    return True
+
+
+def _conflicts(exp: Experiment, st: Status, obs: Observed, now: str) -> None:
+    """A child's name held by another owner: wait (condition ChildConflict) up to its deadline."""
+    if not obs.foreign:
+        drop_condition(st, "ChildConflict")
+        return
+    limit = exp.spec.cluster.child_conflict_deadline_seconds
+    message = (f"{', '.join(obs.foreign)} exists but belongs to another owner (a deleted experiment of the same "
+               "name?); waiting for the garbage collector to delete it")
+    set_condition(st, "ChildConflict", "True", "OwnedByAnother", message, now)
+    if _waited(st, now) > limit:
+        fail(st, "ChildConflict", f"{message}; still there after {limit} s: delete it or rename the experiment", now)
 
 
 def advance(exp: Experiment, st: Status, obs: Observed, now: str) -> tuple[Status, list[Action]]:
     """One reconcile step: new status (to store first) and the actions to apply after it."""
     st = st.model_copy(deep=True)
-    actions = [] if st.phase in FINISHED else _advance_runs(exp, st, obs, now)
+    if st.phase in FINISHED:
+        actions: list[Action] = []
+    elif _queue(exp, st, obs, now):
+        actions = []
+    else:
+        _conflicts(exp, st, obs, now)
+        actions = [] if st.phase in FINISHED else _advance_runs(exp, st, obs, now)
     actions = infra_actions(exp, st, obs) + actions
-    _summarize(st, now)
-    return st, actions
+    summarize(st, now)
+    return st, [a for a in actions if a.target not in obs.foreign]
+
+
+def rejected(st: Status, action: Action, message: str, now: str) -> Status:
+    """The API server refused a child (422, 403...): say so; fail after MAX_CHILD_REJECTIONS in a row."""
+    st = st.model_copy(deep=True)
+    st.child_rejections += 1
+    text = f"{action.target}: {message}"
+    set_condition(st, "ChildRejected", "True", "Refused",
+                  f"{text} (try {st.child_rejections} of {MAX_CHILD_REJECTIONS})", now)
+    if st.child_rejections >= MAX_CHILD_REJECTIONS and st.phase not in FINISHED:
+        fail(st, "ChildRejected", f"the API server refused {text}", now)
+        summarize(st, now)
+    return st
+
+
+def accepted(st: Status) -> Status:
+    """Every action of the step went through: the refusal count starts over."""
+    st = st.model_copy(deep=True)
+    st.child_rejections = 0
+    drop_condition(st, "ChildRejected")
+    return st
+
+
+_RUN_EVENTS = {"Running": ("Normal", "RunStarted", "started"), "Succeeded": ("Normal", "RunSucceeded", "succeeded"),
+               "OOM": ("Normal", "RunOOM", "ran out of device memory"), "Skipped": ("Normal", "RunSkipped", "skipped"),
+               "Failed": ("Warning", "RunFailed", "failed")}
+_WARNING_CONDITIONS = ("ChildRejected", "ChildConflict", "SpecUpdateRefused")
+
+
+def events(old: Status, new: Status) -> list[Event]:
+    """The Events a status change tells: each phase change, each run's start and end, each new problem."""
+    out: list[Event] = []
+    before = {r.job: r.state for r in old.runs}
+    for r in new.runs:
+        if r.state != before.get(r.job, "Pending") and r.state in _RUN_EVENTS:
+            kind, reason, verb = _RUN_EVENTS[r.state]
+            detail = f" ({r.reason})" if r.reason else ""
+            out.append(Event(kind, reason, f"{r.label} {verb}{detail} (job {r.job})"))
+    for type_ in _WARNING_CONDITIONS:
+        c, was = condition(new, type_), condition(old, type_)
+        if c and c.status == "True" and (was is None or (was.status, was.message) != (c.status, c.message)):
+            out.append(Event("Warning", type_, c.message))
+    if new.phase != old.phase:
+        if new.phase == "Failed":
+            failed = condition(new, "Failed")
+            out.append(Event("Warning", failed.reason if failed else "Failed", failed.message if failed else ""))
+        else:
+            c = condition(new, "Progressing") if new.phase not in FINISHED else condition(new, "Ready")
+            out.append(Event("Normal", new.phase, c.message if c else ""))
+    return out

@@ -6,7 +6,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-Phase = Literal["Pending", "Provisioning", "Running", "Analyzing", "Succeeded", "Failed"]
+Phase = Literal["Pending", "Queued", "Provisioning", "Running", "Analyzing", "Succeeded", "Failed"]
 RunState = Literal["Pending", "Running", "Succeeded", "Failed", "OOM", "Skipped"]
 JobState = Literal["Pending", "Running", "Succeeded", "Failed"]
 
@@ -21,6 +21,7 @@ class Condition(_Model):
     reason: str
     message: str = ""
     last_transition_time: str
+    observed_generation: Optional[int] = None
 
 
 class Run(_Model):
@@ -54,6 +55,7 @@ class Children(_Model):
 
 
 class Status(_Model):
+    observed_generation: Optional[int] = Field(None, description="metadata.generation this status was computed from")
     phase: Phase = "Pending"
     progress: Optional[str] = None
     current: Optional[Current] = None
@@ -61,7 +63,11 @@ class Status(_Model):
     runs: list[Run] = Field(default_factory=list)
     analysis: Optional[Analysis] = None
     children: Optional[Children] = None
-    conditions: list[Condition] = Field(default_factory=list)
+    waiting_since: Optional[str] = Field(None, description="When the current wait on a child began (its deadline "
+                                                           "counts from here)")
+    child_rejections: int = Field(0, description="Consecutive writes of a child the API server refused")
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra={
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
     spec_hash: Optional[str] = None
     planned_spec: Optional[str] = Field(None, description="The spec the plan was made from (JSON)")
 
@@ -79,3 +85,18 @@ def set_condition(st: Status, type_: str, status: str, reason: str, message: str
     ltt = old.last_transition_time if old and old.status == status else now
     new = Condition(type=type_, status=status, reason=reason, message=message, last_transition_time=ltt)
     st.conditions = [new if c.type == type_ else c for c in st.conditions] if old else [*st.conditions, new]
+
+
+def drop_condition(st: Status, type_: str) -> None:
+    st.conditions = [c for c in st.conditions if c.type != type_]
+
+
+def condition(st: Status, type_: str) -> Optional[Condition]:
+    return next((c for c in st.conditions if c.type == type_), None)
+
+
+def observe_generation(st: Status, generation: Optional[int]) -> None:
+    """Every condition is re-derived from the current spec each reconcile, so all carry its generation."""
+    st.observed_generation = generation
+    for c in st.conditions:
+        c.observed_generation = generation

@@ -2,17 +2,20 @@
 
 kmock stores objects as given. A real API server also assigns ``uid``, ``creationTimestamp``,
 ``generation`` (bumped on every spec change) and turns a Secret's ``stringData`` into ``data``;
-the operator and the garbage collector depend on those, so they are added here.
+the operator and the garbage collector depend on those, so they are added here. ``refuse``
+makes it answer a create as an admission plugin would (a ResourceQuota's 403, a webhook's 422).
 """
 from __future__ import annotations
 
 import base64
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Optional
 
 import aiohttp
 import kmock
+import yaml
 
 from djinn.spec import GROUP, KIND, PLURAL, VERSION
 
@@ -42,6 +45,12 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class Refusal(kmock.KubernetesError):
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
 class ApiServer(kmock.KubernetesEmulator):
     """kmock with server-side metadata; every kind of ``KINDS`` registered with its verbs."""
 
@@ -50,11 +59,19 @@ class ApiServer(kmock.KubernetesEmulator):
         for kind, (path, plural, namespaced, subresources) in KINDS.items():
             self.resources[f"{path.split('/', 1)[1]}/{plural}"] = {
                 "kind": kind, "namespaced": namespaced, "verbs": RW, "subresources": list(subresources)}
+        self.refusals: dict[tuple[str, str], Refusal] = {}
+
+    def refuse(self, plural: str, name: str, status: int, reason: str, message: str) -> None:
+        """Answer every create of ``plural/name`` with this error until ``refusals`` is cleared."""
+        self.refusals[plural, name] = Refusal(status, reason, message)
 
     async def _handle(self, request):  # noqa: ANN001  (kmock's Request)
         data = request.data
         if request.resource is not None and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
+            refusal = self.refusals.get((request.resource.plural, meta.get("name")))
+            if str(request.method.value) == "POST" and refusal is not None:
+                raise refusal
             if str(request.method.value) == "POST":
                 meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1, resourceVersion="1")
                 if "stringData" in data:
@@ -79,6 +96,17 @@ class ApiServer(kmock.KubernetesEmulator):
             if log[i] is request:
                 del log[i]
                 return
+
+
+def write_kubeconfig(path: Any, url: str, namespace: Optional[str] = None) -> str:
+    """A kubeconfig for the emulator at ``url`` (the operator's stand-in for its service-account token)."""
+    context = {"cluster": "kind-djinn", "user": "sa", **({"namespace": namespace} if namespace else {})}
+    Path(path).write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kind-djinn",
+        "clusters": [{"name": "kind-djinn", "cluster": {"server": url}}],
+        "users": [{"name": "sa", "user": {"token": "service-account-token"}}],
+        "contexts": [{"name": "kind-djinn", "context": context}]}))
+    return str(path)
 
 
 class Api:

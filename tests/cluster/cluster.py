@@ -28,7 +28,7 @@ import kmock
 import yaml
 from moto.server import ThreadedMotoServer
 
-from apiserver import KINDS, Api, ApiServer
+from apiserver import KINDS, Api, ApiServer, write_kubeconfig
 from images import ROOT
 from kubelet import Kubelet
 from podnet import PodNetwork, reap_abandoned, service_names
@@ -163,12 +163,7 @@ async def kind_node(log_dir: Path) -> AsyncIterator[Cluster]:
         moto.start()
         async with ApiServer() as k, kmock.Server(k, host=net.node_ip) as srv, aiohttp.ClientSession() as http:
             url = str(srv.url).rstrip("/")
-            kubeconfig = root / "kubeconfig"
-            kubeconfig.write_text(yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Config", "current-context": "kind-djinn",
-                "clusters": [{"name": "kind-djinn", "cluster": {"server": url}}],
-                "users": [{"name": "sa", "user": {"token": "service-account-token"}}],
-                "contexts": [{"name": "kind-djinn", "context": {"cluster": "kind-djinn", "user": "sa"}}]}))
+            kubeconfig = write_kubeconfig(root / "kubeconfig", url)
             api = Api(url, http)
             # what every pod gets besides its manifest: the API server (for the service-account token) and
             # the install the tests run from (a scratch copy on PYTHONPATH runs in the pods too)

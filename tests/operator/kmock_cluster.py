@@ -1,5 +1,5 @@
-"""End-to-end harness: the real operator (``python -m djinn_operator``) against kmock's KubernetesEmulator
-and moto S3, all on 127.0.0.1.
+"""End-to-end harness: the real operator (``python -m djinn_operator``) against the cluster tests' API
+server (kmock's KubernetesEmulator plus server-side metadata) and moto S3, all on 127.0.0.1.
 
 kmock has no controllers, so ``Kubelet`` plays them: it writes each run's result document
 to S3 with boto3 and then marks the Job Complete (or Failed), and reports the Djinn server
@@ -10,36 +10,22 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import aiohttp
 import kmock
-import yaml
 
 from djinn.results import ResultDocument, result_key
-from djinn.spec import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from djinn.spec import API_VERSION, KIND
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "cluster"))
+from apiserver import KINDS, MERGE, ApiServer, write_kubeconfig  # noqa: E402
 
 BUCKET, PREFIX, NS = "djinn-results", "exp", "lab"
-MERGE = {"Content-Type": "application/merge-patch+json"}
-RW = ["get", "list", "watch", "create", "patch", "update", "delete"]
-RESOURCES = {
-    f"{GROUP}/{VERSION}/{PLURAL}": {"kind": KIND, "namespaced": True, "subresources": ["status"], "verbs": RW},
-    "batch/v1/jobs": {"kind": "Job", "namespaced": True, "subresources": ["status"], "verbs": RW},
-    "apps/v1/deployments": {"kind": "Deployment", "namespaced": True, "subresources": ["status"], "verbs": RW},
-    "v1/services": {"kind": "Service", "namespaced": True, "verbs": RW},
-    "ray.io/v1/rayclusters": {"kind": "RayCluster", "namespaced": True, "subresources": ["status"], "verbs": RW},
-    "v1/events": {"kind": "Event", "namespaced": True, "verbs": ["create", "list"]},
-    "apiextensions.k8s.io/v1/customresourcedefinitions": {"kind": "CustomResourceDefinition", "namespaced": False,
-                                                          "verbs": ["get", "list", "watch"]},
-    "v1/namespaces": {"kind": "Namespace", "namespaced": False, "verbs": ["get", "list", "watch"]},
-}
-PATHS = {"Job": "apis/batch/v1", "Deployment": "apis/apps/v1", "RayCluster": "apis/ray.io/v1",
-         "Service": "api/v1", KIND: f"apis/{GROUP}/{VERSION}"}
-PLURALS = {"Job": "jobs", "Deployment": "deployments", "RayCluster": "rayclusters", "Service": "services",
-           KIND: PLURAL}
+RECONCILE_SECONDS = "0.5"  # the operator's periodic reconcile, fast for the tests (default 15 s)
 
 
 @dataclass
@@ -91,7 +77,7 @@ class Kubelet:
 
 @dataclass
 class Harness:
-    k: kmock.KubernetesEmulator
+    k: ApiServer
     url: str
     http: aiohttp.ClientSession
     s3: Any
@@ -104,7 +90,8 @@ class Harness:
         """A separate process: kopf owns its event loop (it cancels every task it did not start)."""
         with open(self.log_path, "ab") as log:
             self.operator = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "djinn_operator", stdout=log, stderr=log, env=dict(os.environ))
+                sys.executable, "-m", "djinn_operator", stdout=log, stderr=log,
+                env={**os.environ, "DJINN_RECONCILE_SECONDS": RECONCILE_SECONDS})
 
     async def stop_operator(self, kill: bool = False) -> None:
         """SIGTERM (graceful) or SIGKILL (a crash)."""
@@ -119,8 +106,9 @@ class Harness:
         self.kubelet_task = asyncio.create_task(self.kubelet.run())
         return self.kubelet
 
-    def _url(self, kind: str, name: str = "", status: bool = False) -> str:
-        return f"{self.url}/{PATHS[kind]}/namespaces/{NS}/{PLURALS[kind]}" + (f"/{name}" if name else "") + \
+    def _url(self, kind: str, name: str = "", status: bool = False, ns: str = NS) -> str:
+        path, plural, _, _ = KINDS[kind]
+        return f"{self.url}/{path}/namespaces/{ns}/{plural}" + (f"/{name}" if name else "") + \
             ("/status" if status else "")
 
     async def list(self, kind: str) -> list[dict]:
@@ -136,11 +124,16 @@ class Harness:
             assert r.status == 200, await r.text()
 
     async def create_experiment(self, name: str, spec: dict) -> dict:
-        body = {"apiVersion": API_VERSION, "kind": KIND, "spec": spec, "metadata": {
-            "name": name, "namespace": NS, "uid": str(uuid.uuid4()), "creationTimestamp": "2026-11-22T10:00:00Z"}}
+        """The stored object: the API server set its uid, generation and creationTimestamp."""
+        body = {"apiVersion": API_VERSION, "kind": KIND, "spec": spec, "metadata": {"name": name, "namespace": NS}}
         async with self.http.post(self._url(KIND), json=body) as r:
             assert r.status in (200, 201), await r.text()
-        return body
+            return await r.json()
+
+    async def events(self, name: str) -> list[tuple[str, str, str]]:
+        """(type, reason, message) of the Events about experiment ``name``, in order."""
+        return [(e["type"], e["reason"], e["message"]) for e in await self.list("Event")
+                if e["involvedObject"]["kind"] == KIND and e["involvedObject"]["name"] == name]
 
     async def delete(self, kind: str, name: str) -> None:
         async with self.http.delete(self._url(kind, name)) as r:
@@ -175,17 +168,9 @@ class Harness:
 
 async def session(s3, tmp_path, monkeypatch, scenario) -> None:
     """A fresh emulator, a kubeconfig pointing at it, the operator process; then ``scenario(harness)``."""
-    async with kmock.KubernetesEmulator() as k, kmock.Server(k) as srv:
-        for resource, info in RESOURCES.items():
-            k.resources[resource] = info
+    async with ApiServer() as k, kmock.Server(k) as srv:
         url = str(srv.url).rstrip("/")
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-            "clusters": [{"name": "kmock", "cluster": {"server": url}}],
-            "users": [{"name": "test", "user": {"token": "test-token"}}],
-            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test", "namespace": NS}}]}))
-        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        monkeypatch.setenv("KUBECONFIG", write_kubeconfig(tmp_path / "kubeconfig", url, NS))
         async with aiohttp.ClientSession(headers={"User-Agent": "kubelet"}) as http:
             h = Harness(k=k, url=url, http=http, s3=s3, log_path=str(tmp_path / "operator.log"))
             await h.start_operator()

@@ -98,7 +98,8 @@ def test_invalid_failed_and_updated_experiments(e2e, s3_endpoint):
     async def scenario(h):
         kubelet = h.start_kubelet({"fails-native-pytorch-n1": "fail", "noresult-native-pytorch-n1": "missing",
                                    "edited-native-pytorch-n1": "hold"})
-        native = dict(baselines=["native_pytorch"], agentCounts=[1, 2])
+        native = dict(baselines=["native_pytorch"], agentCounts=[1, 2],  # CPU: no GPU turn-taking between them
+                      cluster={"image": "djinn-bench:test", "gpu": False})
         bad = {"negative": experiment_spec(s3_endpoint, agentCounts=[4, -2]),
                "unknown": experiment_spec(s3_endpoint, baselines=["warp_drive"]),
                "nooutput": {"baselines": ["native_pytorch"]}}
@@ -112,8 +113,11 @@ def test_invalid_failed_and_updated_experiments(e2e, s3_endpoint):
             status = await h.wait_phase(name, "Failed")
             failed = next(c for c in status["conditions"] if c["type"] == "Failed")
             assert failed["reason"] == "InvalidSpec" and "\n" not in failed["message"]
+            conds = {c["type"]: c for c in status["conditions"]}  # terminal path: all three consistent
+            assert conds["Progressing"]["status"] == "False" and conds["Valid"]["status"] == "False"
+            assert status["observedGeneration"] == 1 and {c["observedGeneration"] for c in conds.values()} == {1}
             messages[name] = failed["message"]
-        assert messages["negative"] == "spec.agentCounts: agent counts must be >= 1, got -2"
+        assert messages["negative"] == "spec.agentCounts: agent counts must be between 1 and 4096, got -2"
         assert messages["unknown"].startswith("spec.baselines.0: Input should be 'native_pytorch'")
         assert messages["nooutput"].startswith("spec.output.uri: the operator needs s3://bucket/prefix")
 
@@ -124,12 +128,14 @@ def test_invalid_failed_and_updated_experiments(e2e, s3_endpoint):
         assert status["runs"][0]["reason"] == "ResultMissing"
 
         await h.wait("edited running", lambda: h.get("Job", "edited-native-pytorch-n1"))
-        await h.patch(KIND, "edited", {"spec": {"agentCounts": [1, 2, 4]}})
+        await h.patch(KIND, "edited", {"spec": {"agentCounts": [1, 2, 4]}})  # the API server bumps generation
 
         async def refused():
             conds = (await h.status("edited")).get("conditions", [])
             return next((c for c in conds if c["type"] == "SpecUpdateRefused" and c["status"] == "True"), None)
-        assert "keeps its planned spec" in (await h.wait("SpecUpdateRefused", refused))["message"]
+        cond = await h.wait("SpecUpdateRefused", refused)
+        assert "keeps its planned spec" in cond["message"] and cond["observedGeneration"] == 2
+        assert (await h.status("edited"))["observedGeneration"] == 2
         kubelet.outcomes.pop("edited-native-pytorch-n1")
         status = await h.wait_phase("edited", "Succeeded", "Failed")
         assert status["phase"] == "Succeeded" and status["progress"] == "2/2"  # the planned N, not the edit
@@ -156,6 +162,9 @@ def test_every_api_call_of_the_operator_is_declared():
         raise AssertionError("delete jobs should be refused")
 
 
-def test_watch_namespace_selects_namespaced_or_cluster_wide_mode():
-    assert kopf_args("") == {"standalone": True, "clusterwide": True, "namespaces": []}
-    assert kopf_args(" lab, ci ") == {"standalone": True, "clusterwide": False, "namespaces": ["lab", "ci"]}
+def test_watch_namespace_selects_namespaced_or_cluster_wide_mode(monkeypatch):
+    monkeypatch.setenv("WATCH_NAMESPACE", "")
+    assert kopf_args(k8s.watched_namespaces()) == {"standalone": True, "clusterwide": True, "namespaces": []}
+    monkeypatch.setenv("WATCH_NAMESPACE", " lab, ci ")
+    assert kopf_args(k8s.watched_namespaces()) == {"standalone": True, "clusterwide": False,
+                                                   "namespaces": ["lab", "ci"]}

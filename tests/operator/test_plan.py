@@ -36,6 +36,7 @@ class Sim:
             analysis = self.objs.get(("Job", st.analysis.job))
         return plan.Observed(job=job, result=result, analysis=analysis,
                              server=self.objs.get(("Deployment", exp.server_name)),
+                             service=self.objs.get(("Service", exp.server_name)),
                              ray=self.objs.get(("RayCluster", exp.ray_name)))
 
     def reconcile(self) -> list[plan.Action]:
@@ -179,7 +180,7 @@ def test_running_run_whose_job_is_missing_gets_it_created_under_the_same_name():
 
 
 @pytest.mark.parametrize("bad,message", [
-    ({"agentCounts": [2, -1]}, "spec.agentCounts: agent counts must be >= 1, got -1"),
+    ({"agentCounts": [2, -1]}, "spec.agentCounts: agent counts must be between 1 and 4096, got -1"),
     ({"baselines": ["warp_drive"]}, "spec.baselines.0: Input should be "),
     ({"output": None}, "spec.output"),
     ({"output": {"uri": "/tmp/results"}}, "spec.output.uri: the operator needs s3://bucket/prefix"),
@@ -236,10 +237,17 @@ def test_result_key_is_the_newest_of_this_run_since_it_started():
         == "results/full_djinn/20261122T100100000000Z-ab.json"
 
 
-@pytest.mark.parametrize("created, failed", [("2026-11-22T09:29:00Z", True), ("2026-11-22T09:31:00Z", False)])
-def test_a_ray_head_that_never_gets_ready_fails_the_experiment(created, failed):
+@pytest.mark.parametrize("waited, failed", [(901, True), (899, False)])
+def test_a_ray_head_that_never_gets_ready_fails_at_its_deadline(waited, failed):
+    """The clock starts with the wait; the periodic reconcile makes it fire with no cluster change."""
     st, exp = plan.prepare("exp1", "lab", spec(baselines=["ray_keepalive"], agentCounts=[1]), {}, NOW)
-    stuck = {"metadata": {"name": exp.ray_name, "creationTimestamp": created}, "spec": {}, "status": {}}
+    stuck = {"metadata": {"name": exp.ray_name}, "spec": {}, "status": {}}
     st, _ = plan.advance(exp, st, plan.Observed(ray=stuck), NOW)
+    assert st.phase == "Provisioning" and st.waiting_since == NOW
+    later = f"2026-11-22T10:{waited // 60:02d}:{waited % 60:02d}Z"
+    st, _ = plan.advance(exp, st, plan.Observed(ray=stuck), later)
     reasons = [c.reason for c in st.conditions if c.type == "Failed" and c.status == "True"]
     assert (st.phase == "Failed") is failed and (reasons == ["RayClusterNotReady"]) is failed
+    if failed:
+        assert "rayReadyDeadlineSeconds" in st.conditions[-1].message or any(
+            "rayReadyDeadlineSeconds" in c.message for c in st.conditions)
