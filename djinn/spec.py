@@ -160,11 +160,11 @@ class ClusterSpec(_Model):
     client_cpu: str = Field("1", description="CPU request of client and analysis Jobs")
     active_deadline_seconds: int = Field(7200, ge=60, le=604800, description="Deadline of each client Job")
     server_ready_deadline_seconds: int = Field(
-        900, ge=30, le=86400, description="Djinn server not ready this long after the wait began: ServerNotReady")
+        900, ge=1, le=86400, description="Djinn server not ready this long after the wait began: ServerNotReady")
     ray_ready_deadline_seconds: int = Field(
-        900, ge=30, le=86400, description="RayCluster head not ready this long after the wait began: RayClusterNotReady")
+        900, ge=1, le=86400, description="RayCluster head not ready this long after the wait began: RayClusterNotReady")
     child_conflict_deadline_seconds: int = Field(
-        600, ge=30, le=86400, description="A child's name held this long by an object of another owner: ChildConflict")
+        600, ge=1, le=86400, description="A child's name held this long by an object of another owner: ChildConflict")
     queue_name: Optional[str] = Field(
         None, description="Kueue LocalQueue: every child gets the kueue.x-k8s.io/queue-name label and Jobs start "
                           "suspended for Kueue to admit; the operator's own GPU turn-taking is then left to Kueue")

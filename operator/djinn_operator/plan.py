@@ -320,7 +320,8 @@ def _advance_runs(exp: Experiment, st: Status, obs: Observed, now: str) -> list[
             if st.phase != "Failed":
                 st.phase = "Provisioning"
             return []
-        st.waiting_since = None
+        if not obs.foreign:
+            st.waiting_since = None
         run.state, run.started_at, st.phase = "Running", now, "Running"
         return [Create(manifests.run_job(exp, run.baseline, run.n))]
     return _advance_analysis(exp, st, obs, now)
@@ -384,7 +385,9 @@ def _queue(exp: Experiment, st: Status, obs: Observed, now: str) -> bool:
 def _conflicts(exp: Experiment, st: Status, obs: Observed, now: str) -> None:
     """A child's name held by another owner: wait (condition ChildConflict) up to its deadline."""
     if not obs.foreign:
-        drop_condition(st, "ChildConflict")
+        if condition(st, "ChildConflict"):
+            drop_condition(st, "ChildConflict")
+            st.waiting_since = None  # that wait is over; the next one starts its own clock
         return
     limit = exp.spec.cluster.child_conflict_deadline_seconds
     message = (f"{', '.join(obs.foreign)} exists but belongs to another owner (a deleted experiment of the same "
@@ -417,6 +420,9 @@ def rejected(st: Status, action: Action, message: str, now: str) -> Status:
     set_condition(st, "ChildRejected", "True", "Refused",
                   f"{text} (try {st.child_rejections} of {MAX_CHILD_REJECTIONS})", now)
     if st.child_rejections >= MAX_CHILD_REJECTIONS and st.phase not in FINISHED:
+        for run in st.runs:
+            if run.state == "Running" and action.target == f"Job/{run.job}":
+                run.state, run.reason = "Failed", "ChildRejected"
         fail(st, "ChildRejected", f"the API server refused {text}", now)
         summarize(st, now)
     return st

@@ -155,5 +155,5 @@ async def reconcile(namespace: str, name: str, lock: asyncio.Lock) -> None:
                     raise
                 await write(body, st, plan.rejected(st, action, reason, now()))
                 return
-        if st.child_rejections:
+        if actions and st.child_rejections:
             await write(body, st, plan.accepted(st))

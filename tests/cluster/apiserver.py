@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import aiohttp
+import attrs
 import kmock
 import yaml
 
@@ -45,10 +46,11 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@attrs.frozen(kw_only=True)
 class Refusal(kmock.KubernetesError):
-    def __init__(self, status: int, reason: str, message: str):
-        super().__init__(message)
-        self.status, self.reason, self.message = status, reason, message
+    status: int
+    reason: str
+    message: str
 
 
 class ApiServer(kmock.KubernetesEmulator):
@@ -63,7 +65,7 @@ class ApiServer(kmock.KubernetesEmulator):
 
     def refuse(self, plural: str, name: str, status: int, reason: str, message: str) -> None:
         """Answer every create of ``plural/name`` with this error until ``refusals`` is cleared."""
-        self.refusals[plural, name] = Refusal(status, reason, message)
+        self.refusals[plural, name] = Refusal(status=status, reason=reason, message=message)
 
     async def _handle(self, request):  # noqa: ANN001  (kmock's Request)
         data = request.data

@@ -30,10 +30,12 @@ RECONCILE_SECONDS = "0.5"  # the operator's periodic reconcile, fast for the tes
 
 @dataclass
 class Kubelet:
-    """Finishes Jobs by ``outcomes[job]``: ok (default), oom, fail, missing (no result), hold (leave running)."""
+    """Finishes Jobs by ``outcomes[job]``: ok (default), oom, fail, missing (no result), hold (leave running).
+    Deployments and RayClusters get ready unless named in ``unready``."""
 
     h: "Harness"
     outcomes: dict[str, str] = field(default_factory=dict)
+    unready: set[str] = field(default_factory=set)
     most_active: int = 0
 
     async def tick(self) -> None:
@@ -53,9 +55,11 @@ class Kubelet:
             await self.h.patch("Job", name, {"status": {"conditions": [cond], "succeeded": int(outcome != "fail")}},
                                status=True)
         for dep in await self.h.list("Deployment"):
-            if not (dep.get("status") or {}).get("readyReplicas"):
+            if not (dep.get("status") or {}).get("readyReplicas") and dep["metadata"]["name"] not in self.unready:
                 await self.h.patch("Deployment", dep["metadata"]["name"], {"status": {"readyReplicas": 1}}, status=True)
         for rc in await self.h.list("RayCluster"):
+            if rc["metadata"]["name"] in self.unready:
+                continue
             state = "suspended" if rc["spec"].get("suspend") else "ready"
             if (rc.get("status") or {}).get("state") != state:
                 await self.h.patch("RayCluster", rc["metadata"]["name"], {"status": {"state": state}}, status=True)
@@ -122,6 +126,11 @@ class Harness:
     async def patch(self, kind: str, name: str, body: dict, status: bool = False) -> None:
         async with self.http.patch(self._url(kind, name, status), json=body, headers=MERGE) as r:
             assert r.status == 200, await r.text()
+
+    async def k8s_create(self, obj: dict) -> dict:
+        async with self.http.post(self._url(obj["kind"], ns=obj["metadata"]["namespace"]), json=obj) as r:
+            assert r.status in (200, 201), await r.text()
+            return await r.json()
 
     async def create_experiment(self, name: str, spec: dict) -> dict:
         """The stored object: the API server set its uid, generation and creationTimestamp."""

@@ -71,6 +71,15 @@ def test_schema_carries_enums_bounds_defaults_and_nullables():
     assert spec["djinnServer"]["nullable"] is True and "default" not in spec["djinnServer"]
     assert spec["cluster"]["properties"]["gpuPlacement"]["default"] == "phased"
     assert spec["output"]["required"] == ["uri"] and spec["output"]["description"]
+    # the bounds validation enforces, stated where kubectl explain shows them
+    assert spec["agentCounts"]["items"] == {"type": "integer", "minimum": 1, "maximum": 4096}
+    assert spec["sleepSeconds"]["maximum"] == 3600 and spec["iterations"]["maximum"] == 1000
+    status = SCHEMA["properties"]["status"]["properties"]
+    conditions = status["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == ["type"]
+    assert "type" in conditions["items"]["required"]  # a map list's key must be required
+    assert conditions["items"]["properties"]["observedGeneration"]["type"] == "integer"
+    assert status["observedGeneration"]["type"] == "integer" and "Queued" in status["phase"]["enum"]
 
 
 def test_documents_of_the_pydantic_spec_pass_the_schema_and_bad_ones_do_not():

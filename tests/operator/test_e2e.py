@@ -6,6 +6,7 @@ from djinn_operator import k8s
 from djinn_operator.__main__ import kopf_args
 
 from kmock_cluster import BUCKET, NS, PREFIX, experiment_spec
+from pod_security import pod_spec, violations
 
 
 def test_experiment_runs_to_success(e2e, s3_endpoint):
@@ -26,6 +27,18 @@ def test_experiment_runs_to_success(e2e, s3_endpoint):
         assert runs["exp1-ray-keepalive-n2"]["state"] == "OOM"
         assert runs["exp1-ray-keepalive-n4"]["state"] == "Skipped"
         assert status["progress"] == "11/11" and status["analysis"]["state"] == "Succeeded"
+        conds = {c["type"]: c for c in status["conditions"]}
+        assert [conds[t]["status"] for t in ("Ready", "Complete", "Progressing", "Failed")] == \
+            ["True", "True", "False", "False"]
+
+        # kubectl describe: a Normal Event for each phase change and each run's start and end
+        events = await h.events("exp1")
+        assert {t for t, _, _ in events} == {"Normal"}
+        reasons = [r for _, r, _ in events]
+        assert reasons.count("RunStarted") == 10 and reasons.count("RunSucceeded") == 9  # 11 runs, 1 skipped, 1 OOM
+        assert reasons.count("RunOOM") == 1 and reasons.count("RunSkipped") == 1
+        assert reasons[-2:] == ["Analyzing", "Succeeded"]
+        assert ("Normal", "RunOOM", "ray_keepalive n=2 ran out of device memory (job exp1-ray-keepalive-n2)") in events
         assert status["resultsUri"] == f"s3://{BUCKET}/{PREFIX}/{NS}/exp1"
         for run in runs.values():  # every recorded result is a real S3 object
             if run["state"] in ("Succeeded", "OOM"):
@@ -53,6 +66,8 @@ def test_experiment_runs_to_success(e2e, s3_endpoint):
                                                    ("RayCluster", "rayclusters")) for n in h.created(plural)]
         assert ("Service", "exp1-djinn-server") in children and ("RayCluster", "exp1-ray") in children
         deployment = next(w[5] for w in writes if w[:3] == ("operator", "POST", "deployments"))  # deleted by now
+        for obj in [await h.get(k, n) for k, n in children if k != "Service"] + [deployment]:
+            assert violations(pod_spec(obj)) == [], obj["metadata"]["name"]  # Pod Security restricted
         for ref in [(await h.get(kind, name))["metadata"]["ownerReferences"] for kind, name in children] \
                 + [deployment["metadata"]["ownerReferences"]]:
             assert ref == [{"apiVersion": cr["apiVersion"], "kind": KIND, "name": "exp1",
@@ -116,6 +131,8 @@ def test_invalid_failed_and_updated_experiments(e2e, s3_endpoint):
             conds = {c["type"]: c for c in status["conditions"]}  # terminal path: all three consistent
             assert conds["Progressing"]["status"] == "False" and conds["Valid"]["status"] == "False"
             assert status["observedGeneration"] == 1 and {c["observedGeneration"] for c in conds.values()} == {1}
+            assert conds["Ready"]["status"] == "False" and conds["Ready"]["reason"] == "InvalidSpec"
+            assert await h.events(name) == [("Warning", "InvalidSpec", failed["message"])]
             messages[name] = failed["message"]
         assert messages["negative"] == "spec.agentCounts: agent counts must be between 1 and 4096, got -2"
         assert messages["unknown"].startswith("spec.baselines.0: Input should be 'native_pytorch'")

@@ -7,6 +7,8 @@ import pytest
 from djinn.spec import Baseline, ExperimentSpec, parse_spec
 from djinn_operator import manifests, names, raycluster
 
+from pod_security import pod_spec, violations
+
 K8S = "1.30"
 
 
@@ -137,3 +139,30 @@ def test_native_decode_reference_job_runs_the_decode_subcommand():
     cmd = container(manifests.run_job(e, "native_pytorch", None))["command"]
     assert cmd[:4] == ["djinn-bench", "decode", "--backend", "native"]
     assert cmd[cmd.index("--output-dir") + 1] == e.results_uri and "--spec-json" in cmd
+
+
+@pytest.mark.parametrize("cluster", [{}, {"gpu": False, "serverCpu": "500m", "clientMemory": "1Gi"}])
+def test_every_pod_meets_pod_security_restricted_and_requests_cpu_and_memory(cluster):
+    e = exp(cluster=cluster)
+    children = [manifests.server_deployment(e), manifests.ray_cluster(e), manifests.analysis_job(e),
+                *(manifests.run_job(e, b.value, 1) for b in Baseline)]
+    for obj in children:
+        assert violations(pod_spec(obj)) == [], obj["metadata"]["name"]
+    server, client = container(children[0])["resources"]["requests"], container(children[2])["resources"]["requests"]
+    assert server == {"cpu": e.spec.cluster.server_cpu, "memory": e.spec.cluster.server_memory}
+    assert client == {"cpu": e.spec.cluster.client_cpu, "memory": e.spec.cluster.client_memory}
+    head = pod_spec(children[1])["containers"][0]["resources"]["requests"]
+    assert head["cpu"] == e.spec.cluster.server_cpu  # KubeRay derives the head's num-cpus from it
+    assert violations({"containers": [{"name": "bare", "image": "x"}]}) != []  # the checker does refuse
+
+
+def test_kueue_queue_name_labels_every_child_and_suspends_jobs():
+    e = exp(cluster={"queueName": "team-a"})
+    for obj in (manifests.server_deployment(e), manifests.ray_cluster(e), manifests.run_job(e, "ray_keepalive", 2),
+                manifests.analysis_job(e)):
+        template = obj["spec"]["headGroupSpec"]["template"] if obj["kind"] == "RayCluster" else obj["spec"]["template"]
+        for labels in (obj["metadata"]["labels"], template["metadata"]["labels"]):
+            assert labels[manifests.KUEUE_QUEUE_LABEL] == "team-a"
+        if obj["kind"] == "Job":
+            assert obj["spec"]["suspend"] is True
+    assert "suspend" not in manifests.run_job(exp(), "ray_keepalive", 2)["spec"]

@@ -251,3 +251,68 @@ def test_a_ray_head_that_never_gets_ready_fails_at_its_deadline(waited, failed):
     if failed:
         assert "rayReadyDeadlineSeconds" in st.conditions[-1].message or any(
             "rayReadyDeadlineSeconds" in c.message for c in st.conditions)
+
+
+def test_server_deadline_counts_from_the_wait_and_a_lost_service_comes_back():
+    sim = Sim(spec(baselines=["djinn_agents"], agentCounts=[1], cluster={"serverReadyDeadlineSeconds": 60}))
+    sim.reconcile()
+    del sim.objs[("Service", "exp1-djinn-server")]  # deleted by hand: created again, alone
+    assert [a.target for a in sim.reconcile()] == ["Service/exp1-djinn-server"]
+    st, exp = plan.prepare("exp1", "lab", sim.spec, sim.status, NOW)
+    observed = sim.observe(exp, st)
+    st, _ = plan.advance(exp, st, observed, "2026-11-22T10:00:59Z")
+    assert st.phase == "Provisioning"
+    st, _ = plan.advance(exp, st, observed, "2026-11-22T10:01:01Z")
+    failed = next(c for c in st.conditions if c.type == "Failed")
+    assert st.phase == "Failed" and failed.reason == "ServerNotReady" and "serverReadyDeadlineSeconds" in failed.message
+
+
+def test_a_queued_experiment_creates_nothing_until_its_turn():
+    st, exp = plan.prepare("exp1", "lab", spec(), {}, NOW)
+    assert plan.holds_gpu(exp) and plan.pool(exp) == "any node"
+    st, actions = plan.advance(exp, st, plan.Observed(turn=plan.Turn("lab/other", 2)), NOW)
+    assert actions == [] and st.phase == "Queued" and not plan.started(st)
+    queued = next(c for c in st.conditions if c.type == "Queued")
+    assert queued.status == "True" and queued.message.endswith("held by lab/other; position 2")
+    st, actions = plan.advance(exp, st, plan.Observed(), NOW)  # our turn
+    assert st.phase == "Running" and [a.target for a in actions] == ["Job/exp1-native-pytorch"]
+    assert next(c for c in st.conditions if c.type == "Queued").status == "False"
+    st, _ = plan.advance(exp, st, plan.Observed(turn=plan.Turn("lab/other", 1)), NOW)
+    assert st.phase == "Running"  # once started, an experiment keeps its pool
+    cpu = plan.prepare("c", "lab", spec(cluster={"gpu": False}), {}, NOW)[1]
+    external = plan.prepare("x", "lab", spec(baselines=["djinn_agents"], djinnServer="djinn:5556"), {}, NOW)[1]
+    assert not plan.holds_gpu(cpu) and not plan.holds_gpu(external)
+
+
+def test_a_child_of_another_owner_is_neither_created_nor_adopted_and_its_wait_has_a_deadline():
+    sim = Sim(spec(baselines=["native_pytorch"], agentCounts=[1]))
+    st, exp = plan.prepare("exp1", "lab", sim.spec, {}, NOW)
+    foreign = plan.Observed(foreign=("Job/exp1-native-pytorch-n1",))
+    st, actions = plan.advance(exp, st, foreign, NOW)
+    assert actions == [] and st.phase == "Running"
+    assert next(c for c in st.conditions if c.type == "ChildConflict").reason == "OwnedByAnother"
+    st, _ = plan.advance(exp, st, foreign, "2026-11-22T10:10:01Z")  # childConflictDeadlineSeconds 600
+    assert st.phase == "Failed" and next(c for c in st.conditions if c.type == "Failed").reason == "ChildConflict"
+
+
+def test_refusals_count_up_to_failed_and_an_accepted_write_clears_them():
+    st, exp = plan.prepare("exp1", "lab", spec(baselines=["native_pytorch"], agentCounts=[1]), {}, NOW)
+    st, actions = plan.advance(exp, st, plan.Observed(), NOW)
+    refused = plan.rejected(st, actions[0], "422 Unprocessable Entity: spec.x: Invalid value", NOW)
+    assert refused.phase == "Running" and refused.child_rejections == 1
+    assert plan.accepted(refused).child_rejections == 0
+    assert not [c for c in plan.accepted(refused).conditions if c.type == "ChildRejected"]
+    for _ in range(plan.MAX_CHILD_REJECTIONS - 1):
+        refused = plan.rejected(refused, actions[0], "422 Unprocessable Entity: spec.x: Invalid value", NOW)
+    assert refused.phase == "Failed" and refused.runs[0].state == "Failed" and refused.runs[0].reason == "ChildRejected"
+    ready = {c.type: c.status for c in refused.conditions}
+    assert (ready["Ready"], ready["Progressing"], ready["Failed"]) == ("False", "False", "True")
+
+
+def test_events_tell_phase_changes_runs_and_new_problems_once():
+    old, exp = plan.prepare("exp1", "lab", spec(baselines=["native_pytorch"], agentCounts=[1]), {}, NOW)
+    new, _ = plan.advance(exp, old, plan.Observed(), NOW)
+    assert [(e.type, e.reason) for e in plan.events(old, new)] == [("Normal", "RunStarted"), ("Normal", "Running")]
+    assert plan.events(new, new) == []
+    refused = plan.rejected(new, plan.Delete("Job", "j"), "403 Forbidden: no", NOW)
+    assert [(e.type, e.reason) for e in plan.events(new, refused)] == [("Warning", "ChildRejected")]
