@@ -145,6 +145,8 @@ class ClusterSpec(_Model):
     server_image: Optional[str] = Field(None, description="Djinn server image; defaults to image")
     ray_image: Optional[str] = Field(None, description="Ray head image for the RayCluster; defaults to image")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Secrets (docker-registry) every "
+                                                                             "pod pulls its image with")
     gpu: bool = Field(True, description="Request nvidia.com/gpu for the server, Ray head and native jobs")
     gpu_placement: Literal["phased", "separate"] = Field(
         "phased", description="phased: one GPU, released between baseline families; separate: each holds its own")
@@ -188,6 +190,14 @@ class ClusterSpec(_Model):
         for key, value in v.items():
             check_qualified_name(key, "label key")
             check_label_value(value, f"value of {key}:")
+        return v
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _pull_secrets(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
+                raise ValueError(f"{name!r} is not a Secret name (lowercase alphanumerics, '-' and '.')")
         return v
 
     @field_validator("queue_name")

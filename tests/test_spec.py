@@ -51,6 +51,7 @@ def test_embedded_default_is_valid_and_small():
     ({"cluster": {"serverCpu": "lots"}}, "spec.cluster.serverCpu"),
     ({"cluster": {"clientMemory": "2 GB"}}, "spec.cluster.clientMemory"),
     ({"cluster": {"queueName": "Team_A"}}, "spec.cluster.queueName"),
+    ({"cluster": {"imagePullSecrets": ["Bad Secret"]}}, "spec.cluster.imagePullSecrets"),
     ({"cluster": {"serverReadyDeadlineSeconds": 0}}, "spec.cluster.serverReadyDeadlineSeconds"),
 ])
 def test_bad_specs_fail_with_one_line_naming_the_field(patch, field):

@@ -95,6 +95,8 @@ def _pod(exp: Experiment, containers: list[dict], gpu: bool, **extra: Any) -> di
     """Pod spec (Pod Security restricted); the node selector only pins GPU holders, tolerations apply to every pod."""
     c = exp.spec.cluster
     pod: dict[str, Any] = {"containers": containers, "securityContext": dict(POD_SECURITY), **extra}
+    if c.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in c.image_pull_secrets]
     if gpu and c.node_selector:
         pod["nodeSelector"] = dict(c.node_selector)
     if c.tolerations:

@@ -166,3 +166,13 @@ def test_kueue_queue_name_labels_every_child_and_suspends_jobs():
         if obj["kind"] == "Job":
             assert obj["spec"]["suspend"] is True
     assert "suspend" not in manifests.run_job(exp(), "ray_keepalive", 2)["spec"]
+
+
+def test_image_pull_secrets_reach_every_pod():
+    e = exp(cluster={"imagePullSecrets": ["ecr-pull", "ghcr.io-token"]})
+    for obj in (manifests.server_deployment(e), manifests.ray_cluster(e), manifests.run_job(e, "djinn_agents", 1),
+                manifests.run_job(e, "native_pytorch", 1), manifests.analysis_job(e)):
+        assert pod_spec(obj)["imagePullSecrets"] == [{"name": "ecr-pull"}, {"name": "ghcr.io-token"}]
+        if obj["kind"] != "RayCluster":  # a CRD kubernetes-validate does not know
+            kubernetes_validate.validate(obj, K8S, strict=True)
+    assert "imagePullSecrets" not in pod_spec(manifests.analysis_job(exp()))
