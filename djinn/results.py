@@ -87,7 +87,9 @@ class ResultDocument(BaseModel):
     backend: str = "native"
     device: str = "cpu"
     djinn_server: Optional[str] = None
-    weights: str = "synthetic"
+    weights: str = Field("synthetic", description="pretrained | synthetic: what was loaded (auto resolved)")
+    weights_source: Optional[str] = Field(None, description="Where the weights came from: the model directory "
+                                                            "or HF snapshot, or the synthetic config and seed")
     dtype: str = "float32"
     tag: Optional[str] = None
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())

@@ -167,6 +167,14 @@ class ClusterSpec(_Model):
         900, ge=1, le=86400, description="RayCluster head not ready this long after the wait began: RayClusterNotReady")
     child_conflict_deadline_seconds: int = Field(
         600, ge=1, le=86400, description="A child's name held this long by an object of another owner: ChildConflict")
+    model_claim: Optional[str] = Field(
+        None, description="PersistentVolumeClaim holding the weights, mounted at modelMountPath in the server, the "
+                          "Ray head and native Jobs: a model directory (modelId: /models/<dir>) or a Hugging Face "
+                          "cache (HF_HUB_CACHE points there, so a hub id resolves offline)")
+    model_mount_path: str = Field("/models", pattern=r"^/[^:]*$", description="Where modelClaim is mounted")
+    hf_token_secret: Optional[str] = Field(
+        None, description="Secret whose key HF_TOKEN lets the pods download modelId from the Hugging Face hub "
+                          "(gated models such as Llama 2); into modelClaim when given, else into the pod")
     queue_name: Optional[str] = Field(
         None, description="Kueue LocalQueue: every child gets the kueue.x-k8s.io/queue-name label and Jobs start "
                           "suspended for Kueue to admit; the operator's own GPU turn-taking is then left to Kueue")
@@ -191,6 +199,21 @@ class ClusterSpec(_Model):
             check_qualified_name(key, "label key")
             check_label_value(value, f"value of {key}:")
         return v
+
+    @field_validator("model_claim", "hf_token_secret")
+    @classmethod
+    def _object_name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and (len(v) > 253 or not _DNS_SUBDOMAIN.match(v)):
+            raise ValueError(f"{v!r} is not an object name (lowercase alphanumerics, '-' and '.')")
+        return v
+
+    @property
+    def pretrained_source(self) -> Optional[str]:
+        """Where pods find pretrained weights; None: nowhere, so ``weights: auto`` means synthetic on a cluster."""
+        where = [f"PersistentVolumeClaim {self.model_claim} at {self.model_mount_path}"] if self.model_claim else []
+        if self.hf_token_secret:
+            where.append(f"the Hugging Face hub with the token of Secret {self.hf_token_secret}")
+        return " or ".join(where) or None
 
     @field_validator("image_pull_secrets")
     @classmethod

@@ -39,6 +39,9 @@ def test_whole_experiment_to_s3_with_keepalive_oom(s3_endpoint, s3_bucket, tmp_p
         by.setdefault((doc["baseline"], doc["experiment"], doc["n_agents"]), doc)
     # decode: native reference + three modes; agents: 4 baselines x 3 N, and Djinn swept on to its cap, 8
     assert len(results) == 17, sorted(results)
+    # weights auto is recorded as what was loaded: no local tiny-gpt2 here, so the shipped config's synthetic
+    assert {(d["weights"], d["weights_source"]) for d in results.values()} == {
+        ("synthetic", "tiny-gpt2.json with seeded random weights (seed 0)")}
     assert ("djinn_agents", "agent_scaling", 8) in by and ("ray_serverless", "agent_scaling", 8) not in by
     for mode in ("semantic_blind", "partially_aware", "full_djinn"):
         assert by[(mode, "decode", None)]["runs"][0]["tokens"] == by[("native_pytorch", "decode", None)]["runs"][0]["tokens"]

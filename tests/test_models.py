@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from djinn.models import load_model
@@ -67,3 +68,34 @@ def test_finding_a_tokenizer_never_touches_the_network(monkeypatch):
         tok = load_tokenizer_for("sshleifer/tiny-gpt2", weights)
         assert tok.name == "djinn-hash" and len(tok.encode("Reason, then act.")) > 0
     assert looked_up == []
+
+
+def test_weights_are_downloaded_only_when_asked_and_a_failed_download_is_one_line(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from djinn.models import loader
+
+    calls = []
+
+    def snapshot_download(model_id, local_files_only=False, allow_patterns=None):
+        calls.append((model_id, local_files_only))
+        if local_files_only:
+            raise FileNotFoundError("not cached")
+        if model_id == "org/missing":
+            raise RuntimeError("401 Client Error: gated repo\nmore lines")
+        snap = tmp_path / "snap"
+        snap.mkdir(exist_ok=True)
+        (snap / "config.json").write_text("{}")
+        (snap / "model.safetensors").write_bytes(b"")
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.delenv(loader.DOWNLOAD_ENV, raising=False)
+    assert loader._pretrained_source("org/gated") is None and calls == [("org/gated", True)]
+    monkeypatch.setenv(loader.DOWNLOAD_ENV, "1")
+    assert loader._pretrained_source("org/gated") == str(tmp_path / "snap")
+    assert calls[-1] == ("org/gated", False)
+    with pytest.raises(loader.ModelLoadError) as err:
+        loader._pretrained_source("org/missing")
+    assert str(err.value).startswith("model_id: downloading 'org/missing' from the Hugging Face hub failed "
+                                     "(401 Client Error: gated repo)") and "\n" not in str(err.value)

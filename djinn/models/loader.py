@@ -3,6 +3,7 @@ architecture from ``configs/models/<name>.json`` with seeded random weights."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,13 +91,47 @@ def local_snapshot(model_id: str) -> Optional[str]:
         return None
 
 
-def _pretrained_source(model_id: str) -> Optional[str]:
-    """A local directory or a complete HF-cache snapshot for ``model_id``, else None (never downloads)."""
-    path = local_snapshot(model_id)
+DOWNLOAD_ENV = "DJINN_DOWNLOAD_WEIGHTS"  # "1": fetch from the hub what is not local (HF_TOKEN for gated models)
+_DOWNLOADED = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+
+
+def _complete(path: Optional[str]) -> Optional[str]:
     if path is None or not (Path(path) / "config.json").is_file():
         return None
     files = {p.suffix for p in Path(path).iterdir()}
     return path if {".safetensors", ".bin"} & files else None
+
+
+def _download(model_id: str) -> str:
+    """The hub snapshot of ``model_id``, fetched into the HF cache (HF_HUB_CACHE: a mounted volume on a cluster)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model_id, allow_patterns=_DOWNLOADED)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"model_id: downloading {model_id!r} from the Hugging Face hub failed ({first}); "
+                             "check the id, HF_TOKEN's access to it, and the pod's network") from None
+
+
+def _pretrained_source(model_id: str) -> Optional[str]:
+    """A local directory or a complete HF-cache snapshot for ``model_id``, else None; downloads only when
+    DJINN_DOWNLOAD_WEIGHTS=1 (what the operator sets with ``cluster.hfTokenSecret``)."""
+    path = _complete(local_snapshot(model_id))
+    if path is None and os.environ.get(DOWNLOAD_ENV) == "1" and not Path(model_id).is_absolute():
+        path = _complete(_download(model_id))
+    return path
+
+
+def resolve_weights(model_id: str, weights: str = "auto", seed: int = 0) -> tuple[str, str]:
+    """(pretrained | synthetic, where from) as load_model would resolve them here; what result documents record."""
+    source = None if weights == "synthetic" else _pretrained_source(model_id)
+    if source is not None:
+        return "pretrained", source
+    if weights == "pretrained":
+        raise ModelLoadError(f"model_id: {model_id!r} is neither a local model directory nor in the local HF "
+                             f"cache; download it first (or set {DOWNLOAD_ENV}=1) or use --weights synthetic")
+    return "synthetic", f"{synthetic_config_path(model_id).name} with seeded random weights (seed {seed})"
 
 
 def _from_config(config, dtype: torch.dtype, device: torch.device):
@@ -129,10 +164,8 @@ def load_model(model_id: str, weights: str = "auto", dtype: str = "auto", device
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    source = None if weights == "synthetic" else _pretrained_source(model_id)
-    if weights == "pretrained" and source is None:
-        raise ModelLoadError(f"model_id: {model_id!r} is neither a local model directory nor in the local HF "
-                             "cache; download it first or use --weights synthetic")
+    kind, where = resolve_weights(model_id, weights, seed)
+    source = where if kind == "pretrained" else None
     if source is not None:
         from transformers import AutoModelForCausalLM
 
@@ -141,13 +174,10 @@ def load_model(model_id: str, weights: str = "auto", dtype: str = "auto", device
         except TypeError:  # transformers < 4.56 spells it torch_dtype
             model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=dt, attn_implementation="sdpa")
         model = model.to(dev).eval().requires_grad_(False)
-        kind = "pretrained"
     else:
         if weights == "auto" and not quiet:
-            print(f"[djinn] no local weights for {model_id}: using synthetic weights "
-                  f"({synthetic_config_path(model_id).name}, seed {seed})", file=sys.stderr)
+            print(f"[djinn] no local weights for {model_id}: using synthetic weights ({where})", file=sys.stderr)
         model = build_synthetic(model_id, dt, dev, seed)
-        kind = "synthetic"
     tokenizer = load_tokenizer(source or local_snapshot(model_id), vocab_size=model.config.vocab_size,
                                eos_token_id=model.config.eos_token_id)
     return LoadedModel(model, tokenizer, model_id, kind, dev, dt)

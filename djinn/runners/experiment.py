@@ -101,14 +101,20 @@ class Resources:
 
 def _document(spec: ExperimentSpec, task: Task, prompt_tokens: int, backend: str,
               tag: Optional[str] = None) -> ResultDocument:
+    """The run's document; weights as resolved where the run reads them (the same files on a cluster: its
+    pods mount the same model volume or download the same snapshot)."""
     import torch
+
+    from djinn.models.loader import resolve_weights
 
     device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and torch.cuda.is_available():
         device = f"cuda ({torch.cuda.get_device_name(0)})"
+    weights, source = resolve_weights(spec.model_id, spec.weights, spec.seed)
     return ResultDocument(baseline=task.baseline.value, experiment=task.experiment, model_id=spec.model_id,
                           prompt_tokens=prompt_tokens, new_tokens=spec.new_tokens, backend=backend, device=device,
-                          djinn_server=spec.djinn_server, weights=spec.weights, dtype=spec.dtype, tag=tag)
+                          djinn_server=spec.djinn_server, weights=weights, weights_source=source,
+                          dtype=spec.dtype, tag=tag)
 
 
 def _run_decode(spec: ExperimentSpec, task: Task, res: Resources, prompt: list[int]) -> list[str]:

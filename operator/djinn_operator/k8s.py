@@ -27,6 +27,7 @@ RESOURCES = {  # kind -> (apiGroup, version, plural)
     "Service": ("", "v1", "services"),
     "RayCluster": ("ray.io", "v1", "rayclusters"),
     "Event": ("", "v1", "events"),
+    "Pod": ("", "v1", "pods"),
 }
 
 _WATCHED = ("list", "watch", "patch")  # kopf watches these and keeps its annotations on them
@@ -48,6 +49,7 @@ API_CALLS: tuple[tuple[str, str, str], ...] = (
     *(("batch", "jobs", v) for v in ("get", "create", *_WATCHED)),
     *(("apps", "deployments", v) for v in ("get", "create", "delete", *_WATCHED)),
     ("", "services", "get"),
+    ("", "pods", "list"),  # a failed child's termination message, quoted in the status
     ("", "services", "create"),
     # deleted (not suspended) when Kueue owns spec.suspend
     *(("ray.io", "rayclusters", v) for v in ("get", "create", "delete", *_WATCHED)),
@@ -86,7 +88,7 @@ def watched_namespaces() -> list[str]:
 
 
 async def _call(verb: str, kind: str, namespace: Optional[str], name: Optional[str] = None,
-                body: Any = None, subresource: Optional[str] = None) -> Any:
+                body: Any = None, subresource: Optional[str] = None, selector: Optional[str] = None) -> Any:
     group, version, plural = RESOURCES[kind]
     resource = f"{plural}/{subresource}" if subresource else plural
     if (group, resource, verb) not in API_CALLS:
@@ -99,6 +101,8 @@ async def _call(verb: str, kind: str, namespace: Optional[str], name: Optional[s
     if verb == "patch":
         headers["Content-Type"] = "application/merge-patch+json"
     query = [("propagationPolicy", "Background")] if verb == "delete" else []
+    if selector:
+        query.append(("labelSelector", selector))
     if _api is None:
         await asyncio.to_thread(configure)
     api = _api
@@ -128,6 +132,11 @@ async def list_all(kind: str) -> list[dict]:
     for ns in spaces:
         out += (await _call("list", kind, ns))["items"]
     return out
+
+
+async def list_pods(namespace: str, labels: dict[str, str]) -> list[dict]:
+    selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    return (await _call("list", "Pod", namespace, selector=selector))["items"]
 
 
 async def create(obj: dict) -> bool:

@@ -86,15 +86,42 @@ def _resources(exp: Experiment, holder: bool) -> dict[str, Any]:
     return res
 
 
-def _container(exp: Experiment, name: str, image: str, holder: bool, **fields: Any) -> dict[str, Any]:
-    return {"name": name, "image": image, "imagePullPolicy": exp.spec.cluster.image_pull_policy, **fields,
-            "resources": _resources(exp, holder), "securityContext": dict(CONTAINER_SECURITY)}
+MODEL_VOLUME = "models"
+
+
+def _model_env(exp: Experiment) -> list[dict[str, Any]]:
+    """How a pod reaches pretrained weights: the claim as the HF cache, the hub token from its Secret."""
+    c = exp.spec.cluster
+    env: list[dict[str, Any]] = [{"name": "HF_HUB_CACHE", "value": c.model_mount_path}] if c.model_claim else []
+    if c.hf_token_secret:
+        env += [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": c.hf_token_secret, "key": "HF_TOKEN"}}},
+                {"name": "DJINN_DOWNLOAD_WEIGHTS", "value": "1"}]
+    return env
+
+
+def _container(exp: Experiment, name: str, image: str, holder: bool, model: bool = True,
+               **fields: Any) -> dict[str, Any]:
+    """A container that reports its failure's last log lines in its termination message (the operator
+    quotes them); ``model``: it loads weights or their tokenizer (the claim mounted, the hub token)."""
+    c = exp.spec.cluster
+    out = {"name": name, "image": image, "imagePullPolicy": c.image_pull_policy, **fields,
+           "resources": _resources(exp, holder), "securityContext": dict(CONTAINER_SECURITY),
+           "terminationMessagePolicy": "FallbackToLogsOnError"}
+    if model and (env := _model_env(exp)):
+        out["env"] = [*out.get("env", []), *env]
+    if model and c.model_claim:  # writable only when the hub download lands in it
+        out["volumeMounts"] = [{"name": MODEL_VOLUME, "mountPath": c.model_mount_path,
+                                "readOnly": not c.hf_token_secret}]
+    return out
 
 
 def _pod(exp: Experiment, containers: list[dict], gpu: bool, **extra: Any) -> dict[str, Any]:
     """Pod spec (Pod Security restricted); the node selector only pins GPU holders, tolerations apply to every pod."""
     c = exp.spec.cluster
     pod: dict[str, Any] = {"containers": containers, "securityContext": dict(POD_SECURITY), **extra}
+    if any(m["name"] == MODEL_VOLUME for ct in containers for m in ct.get("volumeMounts", [])):
+        pod["volumes"] = [{"name": MODEL_VOLUME, "persistentVolumeClaim": {
+            "claimName": c.model_claim, "readOnly": not c.hf_token_secret}}]
     if c.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in c.image_pull_secrets]
     if gpu and c.node_selector:
@@ -153,15 +180,15 @@ def ray_cluster(exp: Experiment) -> dict[str, Any]:
     ).to_dict()
 
 
-def _job(exp: Experiment, name: str, labels: dict[str, str], command: list[str], gpu: bool) -> dict[str, Any]:
+def _job(exp: Experiment, name: str, labels: dict[str, str], command: list[str], gpu: bool,
+         model: bool = True) -> dict[str, Any]:
     c, out = exp.spec.cluster, exp.spec.output
     env = ([{"name": "AWS_ENDPOINT_URL_S3", "value": out.endpoint_url}] if out.endpoint_url else []) + \
           ([{"name": "AWS_REGION", "value": out.region}] if out.region else [])
     # a Job that holds the GPU (native_pytorch) needs the CUDA image the server runs
     image = (c.server_image or c.image) if gpu and c.gpu else c.image
-    container = _container(exp, "djinn-bench", image, holder=gpu, command=command)
-    if env:
-        container["env"] = env
+    container = _container(exp, "djinn-bench", image, holder=gpu, model=model, command=command,
+                           **({"env": env} if env else {}))
     if c.credentials_secret:
         container["envFrom"] = [{"secretRef": {"name": c.credentials_secret}}]
     extra: dict[str, Any] = {"restartPolicy": "Never"}
@@ -201,4 +228,4 @@ def analysis_job(exp: Experiment) -> dict[str, Any]:
     """Figure 6, Table 2 and claims.json from every result document of the experiment."""
     uri = exp.results_uri
     return _job(exp, names.analysis_job(exp.name), _labels(exp, "analysis"),
-                ["djinn-bench", "analyze", "--input", uri, "--output", uri, *_endpoint(exp)], gpu=False)
+                ["djinn-bench", "analyze", "--input", uri, "--output", uri, *_endpoint(exp)], gpu=False, model=False)

@@ -35,6 +35,7 @@ class Result:
 
     key: str
     oom: bool
+    error: Optional[str] = None  # the run's own one-line failure, when its document records one
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,9 @@ class Observed:
     """
 
     job: Optional[dict] = None           # Job of the Running run
-    result: Optional[Result] = None      # its result document, looked up once the Job succeeded
+    result: Optional[Result] = None      # its result document, looked up once the Job finished
+    job_message: Optional[str] = None    # what its failed pod said last (termination message)
+    server_crash: Optional[str] = None   # the server container's last words, once it crash-loops
     server: Optional[dict] = None        # Djinn server Deployment
     service: Optional[dict] = None       # its Service
     ray: Optional[dict] = None           # RayCluster
@@ -113,7 +116,24 @@ def validate(raw: Any) -> ExperimentSpec:
     spec = parse_spec(raw)
     if not spec.output.is_s3:
         raise SpecError("spec.output.uri: the operator needs s3://bucket/prefix (a local path would stay in the pod)")
+    if spec.weights == "pretrained" and spec.cluster.pretrained_source is None and not spec.model_id.startswith("/"):
+        raise SpecError("spec.weights: pretrained needs the weights in the pods: set cluster.modelClaim (a volume "
+                        "holding them) or cluster.hfTokenSecret (download from the hub), or use weights: synthetic")
     return spec
+
+
+def resolve_weights(spec: ExperimentSpec) -> ExperimentSpec:
+    """``weights: auto`` made explicit at planning, so no pod silently falls back: pretrained when the
+    pods can reach weights (modelClaim, hfTokenSecret), else synthetic."""
+    if spec.weights != "auto":
+        return spec
+    return spec.model_copy(update={"weights": "pretrained" if spec.cluster.pretrained_source else "synthetic"})
+
+
+def weights_summary(spec: ExperimentSpec) -> str:
+    if spec.weights == "synthetic":
+        return f"synthetic: {spec.model_id}'s architecture with seeded random weights (seed {spec.seed})"
+    return f"pretrained: {spec.model_id} from {spec.cluster.pretrained_source or 'the pod image'}"
 
 
 def plan_runs(name: str, spec: ExperimentSpec) -> list[Run]:
@@ -175,8 +195,9 @@ def prepare(exp_name: str, namespace: str, raw: Any, status: dict, now: str
             fail(st, "InvalidSpec", str(exc), now)
             summarize(st, now)
             return st, None
-        exp = Experiment(exp_name, namespace, spec)
+        exp = Experiment(exp_name, namespace, resolve_weights(spec))
         st = Status(spec_hash=h, planned_spec=exp.spec_json(), results_uri=exp.results_uri,
+                    weights=weights_summary(exp.spec),
                     runs=plan_runs(exp_name, spec), analysis=Analysis(job=names.analysis_job(exp_name)),
                     children=Children(server=exp.server_name, ray=exp.ray_name))
         set_condition(st, "Valid", "True", "SpecValid", "", now)
@@ -275,6 +296,9 @@ def _infra_ready(exp: Experiment, fam: str, obs: Observed, st: Status, now: str)
         state = server_state(obs.server)
         if state == "Ready":
             return True
+        if obs.server_crash:
+            fail(st, "ServerNotReady", f"Djinn server {exp.server_name} keeps crashing: {obs.server_crash}", now)
+            return False
         if state == "Stuck" or (_waited(st, now) > c.server_ready_deadline_seconds and not c.queue_name):
             fail(st, "ServerNotReady", f"Djinn server {exp.server_name} was not ready "
                  f"{c.server_ready_deadline_seconds} s after the wait began (image pull, GPU capacity, model "
@@ -290,11 +314,15 @@ def _finish_run(exp: Experiment, st: Status, run: Run, obs: Observed, now: str) 
         return False
     if outcome == "Failed":
         run.state, run.reason = "Failed", reason.split(":")[0]
-        fail(st, "RunFailed", f"{run.label} (job {run.job}) failed: {reason}", now)
+        said = (obs.result.error if obs.result and obs.result.error else None) or obs.job_message
+        fail(st, "RunFailed", f"{run.label} (job {run.job}) failed: {reason}" + (f"; {said}" if said else ""), now)
     elif obs.result is None:
         run.state, run.reason = "Failed", "ResultMissing"
         fail(st, "ResultMissing", f"{run.label}: job {run.job} succeeded but wrote no valid result "
              f"under {st.results_uri}/results/{run.baseline}/", now)
+    elif obs.result.error:
+        run.state, run.reason, run.result_key = "Failed", "RunError", obs.result.key
+        fail(st, "RunFailed", f"{run.label} (job {run.job}) failed: {obs.result.error}", now)
     else:
         run.result_key = obs.result.key
         run.state = "OOM" if obs.result.oom else "Succeeded"

@@ -18,8 +18,8 @@ from kubernetes.client.exceptions import ApiException
 
 from djinn.spec import KIND, ExperimentSpec, SpecError
 
-from . import k8s, plan, results
-from .manifests import Experiment
+from . import k8s, plan, pods, results
+from .manifests import Experiment, server_labels
 from .status import Status, observe_generation
 
 log = logging.getLogger(__name__)
@@ -84,19 +84,24 @@ async def observe(exp: Experiment, st: Status, body: dict) -> plan.Observed:
             return None
         return obj
 
-    job = result = analysis = turn = None
+    job = result = analysis = turn = said = crash = None
     i = plan.current(st)
     if i is not None and st.runs[i].state == "Running":
         job = await child("Job", st.runs[i].job)
-        if plan.job_outcome(job)[0] == "Succeeded":
+        outcome = plan.job_outcome(job)[0]
+        if outcome in ("Succeeded", "Failed"):
             result = await asyncio.to_thread(results.find, exp.results_uri, exp.spec.output, st.runs[i])
+        if outcome == "Failed":
+            said = pods.last_words(await k8s.list_pods(ns, {"batch.kubernetes.io/job-name": st.runs[i].job}))
     if st.analysis and st.analysis.state == "Running":
         analysis = await child("Job", st.analysis.job)
     if not plan.started(st) and plan.holds_gpu(exp) and not exp.spec.cluster.queue_name:
         turn = await gpu_turn(exp, body)
-    return plan.Observed(job=job, result=result, analysis=analysis, turn=turn,
-                         server=await child("Deployment", exp.server_name),
-                         service=await child("Service", exp.server_name),
+    server = await child("Deployment", exp.server_name)
+    if server is not None and plan.server_state(server) != "Ready":
+        crash = pods.crash_loop(await k8s.list_pods(ns, server_labels(exp)))
+    return plan.Observed(job=job, result=result, job_message=said, analysis=analysis, turn=turn, server=server,
+                         server_crash=crash, service=await child("Service", exp.server_name),
                          ray=await child("RayCluster", exp.ray_name), foreign=tuple(foreign))
 
 

@@ -40,4 +40,4 @@ def find(results_uri: str, output: OutputSpec, run: Run) -> Optional[Result]:
         doc = ResultDocument.model_validate_json(store.get_bytes(key))
     except ValidationError:
         return None
-    return Result(key=key, oom=doc.oom)
+    return Result(key=key, oom=doc.oom, error=None if doc.oom else doc.error)

@@ -60,6 +60,7 @@ class Status(_Model):
     progress: Optional[str] = None
     current: Optional[Current] = None
     results_uri: Optional[str] = None
+    weights: Optional[str] = Field(None, description="Which weights the pods load (auto resolved at planning)")
     runs: list[Run] = Field(default_factory=list)
     analysis: Optional[Analysis] = None
     children: Optional[Children] = None

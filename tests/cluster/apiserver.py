@@ -29,6 +29,7 @@ KINDS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
     "Deployment": ("apis/apps/v1", "deployments", True, ("status",)),
     "Service": ("api/v1", "services", True, ()),
     "Secret": ("api/v1", "secrets", True, ()),
+    "Pod": ("api/v1", "pods", True, ("status",)),
     "ConfigMap": ("api/v1", "configmaps", True, ()),
     "ServiceAccount": ("api/v1", "serviceaccounts", True, ()),
     "Event": ("api/v1", "events", True, ()),

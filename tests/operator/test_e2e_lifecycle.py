@@ -18,7 +18,7 @@ def _cond(status: dict, type_: str) -> dict:
 def test_waits_end_vanished_children_return_foreign_ones_are_not_adopted_refusals_fail(e2e, s3_endpoint):
     async def scenario(h):
         kubelet = h.start_kubelet({"vanish-native-pytorch-n1": "hold"})
-        kubelet.unready.add("stuck-ray")
+        kubelet.unready.update({"stuck-ray", "crashing-djinn-server"})
         # a Job of a deleted experiment of the same name, not yet collected by the garbage collector
         await h.k8s_create({"apiVersion": "batch/v1", "kind": "Job", "metadata": {
             "name": "reused-native-pytorch-n1", "namespace": "lab", "labels": {"djinn.io/experiment": "reused"},
@@ -32,12 +32,28 @@ def test_waits_end_vanished_children_return_foreign_ones_are_not_adopted_refusal
                                                            cluster={**CPU, "rayReadyDeadlineSeconds": 2}))
         for name in ("vanish", "reused", "refused"):
             await h.create_experiment(name, experiment_spec(s3_endpoint, **native))
+        await h.create_experiment("crashing", experiment_spec(s3_endpoint, baselines=["djinn_agents"], agentCounts=[1],
+                                                              cluster=CPU))
+        await h.wait("crashing server", lambda: h.get("Deployment", "crashing-djinn-server"))
+        labels = (await h.get("Deployment", "crashing-djinn-server"))["spec"]["template"]["metadata"]["labels"]
+        await h.k8s_create({"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": "crashing-djinn-server-7d9f-abcde", "namespace": "lab", "labels": labels},
+            "spec": {"containers": [{"name": "djinn-server", "image": "x"}]},
+            "status": {"containerStatuses": [{"name": "djinn-server", "restartCount": 2, "lastState": {"terminated": {
+                "exitCode": 2, "message": "loading...\ndjinn-server: model_id: 'org/gated' is neither a local model "
+                                         "directory nor in the local HF cache\n"}}}]}})
 
         # a head that never gets ready: nothing changes in the cluster, yet the deadline fires
         status = await h.wait_phase("stuck", "Failed", timeout=15)
         assert _cond(status, "Failed")["reason"] == "RayClusterNotReady"
         assert "rayReadyDeadlineSeconds" in _cond(status, "Failed")["message"]
         assert ("Warning", "RayClusterNotReady") in [e[:2] for e in await h.events("stuck")]
+
+        # a server that keeps crashing fails at once, quoting its last words (not after its deadline)
+        status = await h.wait_phase("crashing", "Failed", timeout=10)
+        assert _cond(status, "Failed")["message"] == ("Djinn server crashing-djinn-server keeps crashing: djinn-server: "
+                                                      "model_id: 'org/gated' is neither a local model directory nor "
+                                                      "in the local HF cache")
 
         # a Job deleted mid-run is created again under its name, with no other trigger
         await h.wait("vanish running", lambda: h.get("Job", "vanish-native-pytorch-n1"))

@@ -176,3 +176,25 @@ def test_image_pull_secrets_reach_every_pod():
         if obj["kind"] != "RayCluster":  # a CRD kubernetes-validate does not know
             kubernetes_validate.validate(obj, K8S, strict=True)
     assert "imagePullSecrets" not in pod_spec(manifests.analysis_job(exp()))
+
+
+def test_pretrained_weights_reach_every_pod_that_loads_them_and_no_other():
+    e = exp(cluster={"modelClaim": "llama-weights", "hfTokenSecret": "hf-token"}, modelId="meta-llama/Llama-2-7b-hf")
+    for obj in (manifests.server_deployment(e), manifests.ray_cluster(e), manifests.run_job(e, "native_pytorch", 1),
+                manifests.run_job(e, "djinn_agents", 1)):  # clients load the tokenizer from the same place
+        pod = pod_spec(obj)
+        c = pod["containers"][0]
+        env = {v["name"]: v for v in c["env"]}
+        assert env["HF_HUB_CACHE"]["value"] == "/models" and env["DJINN_DOWNLOAD_WEIGHTS"]["value"] == "1"
+        assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}
+        assert c["volumeMounts"] == [{"name": "models", "mountPath": "/models", "readOnly": False}]
+        assert pod["volumes"] == [{"name": "models", "persistentVolumeClaim": {"claimName": "llama-weights",
+                                                                             "readOnly": False}}]
+        assert violations(pod) == [] and c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+        if obj["kind"] != "RayCluster":
+            kubernetes_validate.validate(obj, K8S, strict=True)
+    analysis = pod_spec(manifests.analysis_job(e))
+    assert "volumes" not in analysis and not [v for v in analysis["containers"][0].get("env", [])
+                                              if v["name"].startswith("HF_")]
+    read_only = pod_spec(manifests.server_deployment(exp(cluster={"modelClaim": "llama-weights"})))
+    assert read_only["volumes"][0]["persistentVolumeClaim"]["readOnly"] is True

@@ -4,7 +4,7 @@ from typing import Optional
 import pytest
 
 from djinn.spec import KIND
-from djinn_operator import plan, raycluster
+from djinn_operator import plan, pods, raycluster
 from djinn_operator.status import Run, Status, set_condition
 from djinn_operator.results import pick_key
 
@@ -316,3 +316,46 @@ def test_events_tell_phase_changes_runs_and_new_problems_once():
     assert plan.events(new, new) == []
     refused = plan.rejected(new, plan.Delete("Job", "j"), "403 Forbidden: no", NOW)
     assert [(e.type, e.reason) for e in plan.events(new, refused)] == [("Warning", "ChildRejected")]
+
+
+def test_weights_auto_is_made_explicit_at_planning_and_pretrained_needs_a_source():
+    st, exp = plan.prepare("exp1", "lab", spec(), {}, NOW)
+    assert exp.spec.weights == "synthetic" and st.weights.startswith("synthetic: sshleifer/tiny-gpt2")
+    assert '"weights":"synthetic"' in st.planned_spec  # what every Job runs with: no silent fallback
+    st, exp = plan.prepare("exp1", "lab", spec(cluster={"modelClaim": "llama-weights"}), {}, NOW)
+    assert exp.spec.weights == "pretrained"
+    assert st.weights == "pretrained: sshleifer/tiny-gpt2 from PersistentVolumeClaim llama-weights at /models"
+    st, exp = plan.prepare("exp1", "lab", spec(weights="pretrained"), {}, NOW)
+    failed = next(c for c in st.conditions if c.type == "Failed")
+    assert exp is None and failed.message.startswith("spec.weights: pretrained needs the weights in the pods")
+
+
+def test_a_failed_runs_reason_quotes_its_document_or_its_pod():
+    sim = Sim(spec(baselines=["native_pytorch"], agentCounts=[1]), outcomes={"exp1-native-pytorch-n1": "fail"})
+    sim.reconcile()
+    sim.kubelet()
+    st, exp = plan.prepare("exp1", "lab", sim.spec, sim.status, NOW)
+    said = "djinn-bench: model_id: 'x' is neither a local model directory nor in the local HF cache"
+    st, _ = plan.advance(exp, st, plan.Observed(job=sim.objs[("Job", "exp1-native-pytorch-n1")], job_message=said),
+                         NOW)
+    failed = next(c for c in st.conditions if c.type == "Failed")
+    assert failed.message.endswith("BackoffLimitExceeded: Job has reached the specified backoff limit; " + said)
+    # a Job that exits 0 but whose document records a failure is a failed run too
+    st, exp = plan.prepare("exp1", "lab", spec(baselines=["native_pytorch"], agentCounts=[1]), {}, NOW)
+    st, _ = plan.advance(exp, st, plan.Observed(), NOW)
+    done = {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    st, _ = plan.advance(exp, st, plan.Observed(job=done, result=plan.Result("k", False, "boom")), NOW)
+    assert st.phase == "Failed" and st.runs[0].reason == "RunError" and st.runs[0].result_key == "k"
+
+
+def _pod(created, restarts, message, code=1, state="lastState"):
+    return {"metadata": {"creationTimestamp": created}, "status": {"containerStatuses": [
+        {"restartCount": restarts, state: {"terminated": {"exitCode": code, "message": message}}}]}}
+
+
+def test_last_words_come_from_the_newest_failed_container_and_a_crash_loop_needs_two_exits():
+    old, new = _pod("t1", 0, "old failure", state="state"), _pod("t2", 0, "Traceback\n  ...\nValueError: bad\n\n")
+    assert pods.last_words([old, new]) == "ValueError: bad"
+    assert pods.last_words([_pod("t1", 0, "all good", code=0, state="state")]) is None
+    assert pods.crash_loop([_pod("t1", 1, "djinn-server: cannot load")]) is None  # one exit: maybe a blip
+    assert pods.crash_loop([_pod("t1", 2, "djinn-server: cannot load")]) == "djinn-server: cannot load"
