@@ -167,6 +167,9 @@ class ClusterSpec(_Model):
         900, ge=1, le=86400, description="RayCluster head not ready this long after the wait began: RayClusterNotReady")
     child_conflict_deadline_seconds: int = Field(
         600, ge=1, le=86400, description="A child's name held this long by an object of another owner: ChildConflict")
+    djinn_token_secret: Optional[str] = Field(
+        None, description="With djinnServer: Secret whose key `token` is that server's bearer token (our own server "
+                          "gets a token Secret created by the operator)")
     model_claim: Optional[str] = Field(
         None, description="PersistentVolumeClaim holding the weights, mounted at modelMountPath in the server, the "
                           "Ray head and native Jobs: a model directory (modelId: /models/<dir>) or a Hugging Face "
@@ -200,7 +203,7 @@ class ClusterSpec(_Model):
             check_label_value(value, f"value of {key}:")
         return v
 
-    @field_validator("model_claim", "hf_token_secret")
+    @field_validator("model_claim", "hf_token_secret", "djinn_token_secret")
     @classmethod
     def _object_name(cls, v: Optional[str]) -> Optional[str]:
         if v is not None and (len(v) > 253 or not _DNS_SUBDOMAIN.match(v)):

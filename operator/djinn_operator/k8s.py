@@ -28,6 +28,7 @@ RESOURCES = {  # kind -> (apiGroup, version, plural)
     "RayCluster": ("ray.io", "v1", "rayclusters"),
     "Event": ("", "v1", "events"),
     "Pod": ("", "v1", "pods"),
+    "Secret": ("", "v1", "secrets"),
 }
 
 _WATCHED = ("list", "watch", "patch")  # kopf watches these and keeps its annotations on them
@@ -50,6 +51,8 @@ API_CALLS: tuple[tuple[str, str, str], ...] = (
     *(("apps", "deployments", v) for v in ("get", "create", "delete", *_WATCHED)),
     ("", "services", "get"),
     ("", "pods", "list"),  # a failed child's termination message, quoted in the status
+    ("", "secrets", "get"),  # the Djinn server's bearer token, created with it
+    ("", "secrets", "create"),
     ("", "services", "create"),
     # deleted (not suspended) when Kueue owns spec.suspend
     *(("ray.io", "rayclusters", v) for v in ("get", "create", "delete", *_WATCHED)),

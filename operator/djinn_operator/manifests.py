@@ -12,6 +12,8 @@ from djinn.spec import DECODE_MODES, RAY_BASELINES, Baseline, ExperimentSpec
 from . import names, raycluster
 
 CONTROL_PORT, DATA_PORT = 5555, 5556
+TOKEN_ENV, TOKEN_KEY = "DJINN_AUTH_TOKEN", "token"  # the server and every client read the bearer token there
+SERVER_GRACE_S = 30  # the server's --shutdown-grace: in-flight requests finish or are answered before exit
 GPU = "nvidia.com/gpu"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 RUN_AS = 10001  # the images' djinn user (numeric, so the kubelet can check runAsNonRoot)
@@ -52,6 +54,13 @@ class Experiment:
     def ray_name(self) -> Optional[str]:
         """Our RayCluster; None when not needed or ``rayAddress`` is given."""
         return names.ray(self.name) if self._uses("ray") and not self.spec.ray_address else None
+
+    @property
+    def token_secret(self) -> Optional[str]:
+        """Secret with the Djinn server's bearer token: ours (created with the server) or the given one."""
+        if self.server_name:
+            return names.auth_secret(self.name)
+        return self.spec.cluster.djinn_token_secret if self.spec.djinn_server else None
 
     @property
     def djinn_address(self) -> str:
@@ -135,6 +144,17 @@ def server_labels(exp: Experiment) -> dict[str, str]:
     return _labels(exp, "server")
 
 
+def _token_env(exp: Experiment) -> list[dict[str, Any]]:
+    secret = exp.token_secret
+    return [{"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": secret, "key": TOKEN_KEY}}}] if secret else []
+
+
+def auth_secret(exp: Experiment, token: str) -> dict[str, Any]:
+    """The bearer token the server requires off loopback; owned by the experiment like every child."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": _meta(exp, exp.token_secret, _labels(exp, "server")), "stringData": {TOKEN_KEY: token}}
+
+
 def server_command(spec: ExperimentSpec) -> list[str]:
     gpu = spec.cluster.gpu
     return ["python", "-m", "djinn.server.server_main", "--device", "cuda" if gpu else "cpu",
@@ -148,6 +168,7 @@ def server_deployment(exp: Experiment) -> dict[str, Any]:
     c, labels = exp.spec.cluster, server_labels(exp)
     container = _container(
         exp, "djinn-server", c.server_image or c.image, holder=True, command=server_command(exp.spec),
+        env=_token_env(exp),
         ports=[{"name": "control", "containerPort": CONTROL_PORT}, {"name": "data", "containerPort": DATA_PORT}],
         readinessProbe={"httpGet": {"path": "/healthz", "port": CONTROL_PORT}, "periodSeconds": 5})
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(exp, exp.server_name, labels),
@@ -155,7 +176,8 @@ def server_deployment(exp: Experiment) -> dict[str, Any]:
                      "progressDeadlineSeconds": c.server_ready_deadline_seconds,
                      "selector": {"matchLabels": labels},
                      "template": {"metadata": {"labels": labels},
-                                  "spec": _pod(exp, [container], gpu=True)}}}
+                                  "spec": _pod(exp, [container], gpu=True,  # the grace, then the kubelet's margin
+                                               terminationGracePeriodSeconds=SERVER_GRACE_S + 10)}}}
 
 
 def server_service(exp: Experiment) -> dict[str, Any]:
@@ -181,10 +203,10 @@ def ray_cluster(exp: Experiment) -> dict[str, Any]:
 
 
 def _job(exp: Experiment, name: str, labels: dict[str, str], command: list[str], gpu: bool,
-         model: bool = True) -> dict[str, Any]:
+         model: bool = True, token: bool = False) -> dict[str, Any]:
     c, out = exp.spec.cluster, exp.spec.output
     env = ([{"name": "AWS_ENDPOINT_URL_S3", "value": out.endpoint_url}] if out.endpoint_url else []) + \
-          ([{"name": "AWS_REGION", "value": out.region}] if out.region else [])
+          ([{"name": "AWS_REGION", "value": out.region}] if out.region else []) + (_token_env(exp) if token else [])
     # a Job that holds the GPU (native_pytorch) needs the CUDA image the server runs
     image = (c.server_image or c.image) if gpu and c.gpu else c.image
     container = _container(exp, "djinn-bench", image, holder=gpu, model=model, command=command,
@@ -221,7 +243,7 @@ def run_job(exp: Experiment, baseline: str, n: Optional[int]) -> dict[str, Any]:
     """Client Job of one run; native_pytorch holds the GPU itself."""
     extra = {"djinn.io/baseline": baseline, **({"djinn.io/agents": str(n)} if n is not None else {})}
     return _job(exp, names.run_job(exp.name, baseline, n), _labels(exp, "run", **extra),
-                run_command(exp, baseline, n), gpu=family(baseline) == "native")
+                run_command(exp, baseline, n), gpu=family(baseline) == "native", token=family(baseline) == "djinn")
 
 
 def analysis_job(exp: Experiment) -> dict[str, Any]:

@@ -28,6 +28,11 @@ def server(experiment: str) -> str:
     return dns_name(experiment, "djinn-server")
 
 
+def auth_secret(experiment: str) -> str:
+    """Secret holding the bearer token of our Djinn server (key ``token``)."""
+    return dns_name(experiment, "djinn-auth")
+
+
 def ray(experiment: str) -> str:
     """RayCluster; clients use ``<name>-head-svc``."""
     return dns_name(experiment, "ray", limit=RAY_NAME_MAX)

@@ -60,6 +60,8 @@ class Observed:
     server_crash: Optional[str] = None   # the server container's last words, once it crash-loops
     server: Optional[dict] = None        # Djinn server Deployment
     service: Optional[dict] = None       # its Service
+    auth_secret: Optional[dict] = None   # its bearer-token Secret
+    new_token: str = ""                  # a fresh token, used if that Secret must be created
     ray: Optional[dict] = None           # RayCluster
     analysis: Optional[dict] = None      # analysis Job
     foreign: tuple[str, ...] = ()        # "Kind/name" of children held by another owner
@@ -260,6 +262,8 @@ def infra_actions(exp: Experiment, st: Status, obs: Observed) -> list[Action]:
         elif obs.ray is not None and raycluster.is_suspended(obs.ray) == want_ray:
             (create if want_ray else release).append(Suspend(exp.ray_name, not want_ray))
     if exp.server_name:
+        if want_server and obs.auth_secret is None:
+            create.append(Create(manifests.auth_secret(exp, obs.new_token)))
         if want_server and obs.service is None:
             create.append(Create(manifests.server_service(exp)))
         if want_server and obs.server is None:

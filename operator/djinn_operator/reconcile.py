@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 from datetime import datetime, timezone
 from typing import Optional
 
@@ -102,6 +103,8 @@ async def observe(exp: Experiment, st: Status, body: dict) -> plan.Observed:
         crash = pods.crash_loop(await k8s.list_pods(ns, server_labels(exp)))
     return plan.Observed(job=job, result=result, job_message=said, analysis=analysis, turn=turn, server=server,
                          server_crash=crash, service=await child("Service", exp.server_name),
+                         auth_secret=await child("Secret", exp.server_name and exp.token_secret),
+                         new_token=secrets.token_urlsafe(32),
                          ray=await child("RayCluster", exp.ray_name), foreign=tuple(foreign))
 
 

@@ -198,3 +198,22 @@ def test_pretrained_weights_reach_every_pod_that_loads_them_and_no_other():
                                               if v["name"].startswith("HF_")]
     read_only = pod_spec(manifests.server_deployment(exp(cluster={"modelClaim": "llama-weights"})))
     assert read_only["volumes"][0]["persistentVolumeClaim"]["readOnly"] is True
+
+
+def test_the_server_and_its_clients_share_a_bearer_token_from_a_secret():
+    e = exp()
+    secret = manifests.auth_secret(e, "s3cret")
+    assert secret["metadata"]["name"] == "exp1-djinn-auth" and secret["stringData"] == {"token": "s3cret"}
+    ref = {"name": "DJINN_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "exp1-djinn-auth", "key": "token"}}}
+    server = manifests.server_deployment(e)
+    assert ref in container(server)["env"]
+    assert server["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == manifests.SERVER_GRACE_S + 10
+    for baseline in ("djinn_agents", "full_djinn", "semantic_blind"):
+        assert ref in container(manifests.run_job(e, baseline, 1))["env"]
+    for baseline in ("native_pytorch", "ray_keepalive"):  # no token where no Djinn server is called
+        assert not [v for v in container(manifests.run_job(e, baseline, 1)).get("env", []) if v["name"] == ref["name"]]
+    external = exp(djinnServer="djinn.lab.svc:5556", cluster={"djinnTokenSecret": "their-token"})
+    assert external.token_secret == "their-token" and external.server_name is None
+    assert container(manifests.run_job(external, "djinn_agents", 1))["env"][-1]["valueFrom"]["secretKeyRef"]["name"] \
+        == "their-token"
+    kubernetes_validate.validate(secret, K8S, strict=True)

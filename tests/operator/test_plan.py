@@ -37,6 +37,7 @@ class Sim:
         return plan.Observed(job=job, result=result, analysis=analysis,
                              server=self.objs.get(("Deployment", exp.server_name)),
                              service=self.objs.get(("Service", exp.server_name)),
+                             auth_secret=self.objs.get(("Secret", exp.token_secret)), new_token="t0ken",
                              ray=self.objs.get(("RayCluster", exp.ray_name)))
 
     def reconcile(self) -> list[plan.Action]:
@@ -129,7 +130,7 @@ def test_separate_placement_starts_both_holders_up_front():
                    cluster={"gpuPlacement": "separate"}))
     acts = sim.reconcile()
     kinds = [a.obj["kind"] for a in acts if isinstance(a, plan.Create)]
-    assert kinds == ["RayCluster", "Service", "Deployment"] and sim.status["phase"] == "Provisioning"
+    assert kinds == ["RayCluster", "Secret", "Service", "Deployment"] and sim.status["phase"] == "Provisioning"
     assert sim.run()["phase"] == "Succeeded"
     assert raycluster.is_suspended(sim.objs[("RayCluster", "exp1-ray")])
     assert ("Deployment", "exp1-djinn-server") not in sim.objs
