@@ -1,4 +1,6 @@
 """The batched engine against transformers' own generate (greedy tokens must be identical)."""
+import time
+
 import pytest
 
 from djinn.engine.engine import Engine, EngineError
@@ -98,3 +100,44 @@ def test_recycled_host_blocks_keep_every_parked_cache_intact(tiny_llama):
         assert eng.stats["restores"] >= 8 and len(eng.pool._host_blocks) >= 2
     finally:
         eng.shutdown()
+
+
+def test_a_generate_with_nothing_new_continues_from_the_last_token(engine, tiny_llama):
+    """generate(ids, 0) then generate([], 5): the second has no pending token yet must decode (it spun forever)."""
+    s = engine.open_session().result()
+    assert engine.generate(s.id, PROMPTS[0], 0).result(timeout=30).tokens == []
+    assert engine.generate(s.id, [], 5).result(timeout=30).tokens == hf_greedy(tiny_llama.model, PROMPTS[0], 5)
+
+
+def test_a_failing_request_fails_alone_and_keeps_no_undelivered_tokens(engine, tiny_llama, monkeypatch):
+    prefill = engine.net.prefill
+
+    def poisoned(k, v, slots, chunks, starts):
+        if (chunks == 999).any():
+            raise RuntimeError("poisoned step")
+        return prefill(k, v, slots, chunks, starts)
+
+    monkeypatch.setattr(engine.net, "prefill", poisoned)
+    good, bad = engine.open_session().result(), engine.open_session().result()
+    engine.generate(bad.id, [1, 2, 3], 2).result(timeout=30)
+    history = list(engine.sessions[bad.id].history)
+    futures = [engine.generate(good.id, [5, 6, 7], 8), engine.generate(bad.id, [999, 998, 997], 8)]
+    assert futures[0].result(timeout=30).tokens == hf_greedy(tiny_llama.model, [5, 6, 7], 8)
+    with pytest.raises(EngineError, match="poisoned step"):
+        futures[1].result(timeout=30)
+    st = engine.sessions[bad.id]
+    assert st.history == history and st.kv_len <= len(history) and not st.busy
+    more = engine.generate(bad.id, [4], 3).result(timeout=30)  # the session goes on from what was delivered
+    assert more.tokens == hf_greedy(tiny_llama.model, history + [4], 3)
+
+
+def test_a_cancelled_request_frees_its_session(engine, tiny_llama):
+    s = engine.open_session().result()
+    fut = engine.generate(s.id, PROMPTS[3], 150)
+    time.sleep(0.05)  # in flight
+    assert fut.cancel()
+    deadline = time.monotonic() + 10
+    while engine.sessions[s.id].busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine.sessions[s.id].busy and engine.sessions[s.id].history == []
+    assert engine.generate(s.id, PROMPTS[0], 4).result(timeout=30).tokens == hf_greedy(tiny_llama.model, PROMPTS[0], 4)

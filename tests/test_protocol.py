@@ -30,6 +30,31 @@ def test_malformed_payloads_raise_protocol_error(payload):
         protocol.decode_payload(payload)
 
 
+def _payload(header: bytes, tail: bytes = b"") -> bytes:
+    return struct.pack(">I", len(header)) + header + tail
+
+
+T = '{"name":"t","dtype":"int64","shape":[1],"offset":0,"nbytes":8}'
+
+
+@pytest.mark.parametrize("header, match", [
+    (b"[" * 100000, "nests deeper"),
+    (b'{"op":"generate","tensors":5}', "tensors: expected a list"),
+    (b'{"op":"generate","id":NaN}', "NaN is not JSON"),
+    (T.replace('"offset":0', '"offset":Infinity').join(['{"tensors":[', ']}']).encode(), "Infinity"),
+    (T.replace('"t"', '["t"]').join(['{"tensors":[', ']}']).encode(), "name must be a non-empty string"),
+    (T.replace('"shape":[1]', '"shape":[1e30,0]').join(['{"tensors":[', ']}']).encode(), "shape: expected an integer"),
+    (T.replace('"shape":[1]', '"shape":[true]').join(['{"tensors":[', ']}']).encode(), "shape: expected an integer"),
+    (T.replace('"offset":0', '"offset":0.0').join(['{"tensors":[', ']}']).encode(), "offset: expected an integer"),
+    (T.replace('"int64"', '"bool"').join(['{"tensors":[', ']}']).encode(), "dtype must be one of"),
+    (f'{{"tensors":[{T},{T}]}}'.encode(), "appears twice"),
+    (b'{"a":"\xff"}', "not UTF-8"),
+])
+def test_every_malformed_descriptor_is_a_protocol_error_naming_it(header, match):
+    with pytest.raises(protocol.ProtocolError, match=match):
+        protocol.decode_payload(_payload(header, bytes(16)))
+
+
 def test_tensor_descriptor_must_fit():
     good = protocol.encode({}, {"t": torch.arange(4)})[9:]
     bad = good.replace(b'"nbytes":32', b'"nbytes":64')

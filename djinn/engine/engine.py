@@ -14,9 +14,9 @@ import queue
 import threading
 import time
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -62,6 +62,9 @@ class Request:
     logits: Optional[torch.Tensor] = None
     submitted: float = field(default_factory=time.perf_counter)
     admitted: Optional[float] = None
+    base_len: int = 0          # the session's history before this request: restored if it fails
+    start: tuple[int, int] = (0, 0)  # (history length, kv_len) once queued: where a retry starts over
+    suspect: bool = False      # was in a step that failed: runs alone until it succeeds or fails alone
 
     @property
     def decoding(self) -> bool:
@@ -76,6 +79,17 @@ class Result:
     total_ms: float
     logits: Optional[torch.Tensor] = None
     kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+
+def _settle(fut: Future, result: Any = None, exc: Optional[BaseException] = None) -> None:
+    """Complete ``fut`` unless the client cancelled it meanwhile (its loop thread may do so at any time)."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 class Engine:
@@ -111,7 +125,7 @@ class Engine:
         return fut
 
     def submit(self, req: Request) -> Future:
-        self._inbox.put(req)
+        self._inbox.put(self._queued(req))
         return req.future
 
     def open_session(self, mode: str = "full_djinn", session_id: Optional[str] = None) -> Future:
@@ -168,8 +182,8 @@ class Engine:
         if s is None:
             return False
         for r in self._waiting + self._running:
-            if r.session is s and not r.future.done():
-                r.future.set_exception(EngineError(f"session {session_id} closed"))
+            if r.session is s:
+                _settle(r.future, exc=EngineError(f"session {session_id} closed"))
         self._waiting = [r for r in self._waiting if r.session is not s]
         self._running = [r for r in self._running if r.session is not s]
         self._free(s)
@@ -201,26 +215,56 @@ class Engine:
 
     def _new_generate(self, session_id, new_tokens, max_new_tokens, fut) -> Optional[Request]:
         s = self.sessions.get(session_id)
+        if fut.cancelled():  # its client left before the engine saw it
+            return None
         if s is None:
-            fut.set_exception(EngineError(f"session {session_id} not found; open it first"))
+            _settle(fut, exc=EngineError(f"session {session_id} not found; open it first"))
             return None
         if s.busy:
-            fut.set_exception(EngineError(f"session {session_id} already has a request in flight"))
+            _settle(fut, exc=EngineError(f"session {session_id} already has a request in flight"))
             return None
         total = len(s.history) + len(new_tokens) + max_new_tokens
         if total > self.pool.max_seq:
-            fut.set_exception(EngineError(f"session {session_id} would hold {total} tokens > --max-seq-len "
-                                          f"{self.pool.max_seq}; close it or start a new one"))
+            _settle(fut, exc=EngineError(f"session {session_id} would hold {total} tokens > --max-seq-len "
+                                         f"{self.pool.max_seq}; close it or start a new one"))
             return None
         if not s.history and not new_tokens:
-            fut.set_exception(EngineError("tokens: a new session's first request needs at least one token"))
+            _settle(fut, exc=EngineError("tokens: a new session's first request needs at least one token"))
             return None
         if s.history:
             self.stats["reused_sessions"] += 1
             log.info("Reusing session %s (kv_processed_len=%d, new tokens=%d)", s.id, s.kv_len, len(new_tokens))
         s.busy = True
+        base = len(s.history)
         s.history.extend(new_tokens)
-        return Request(s, s.history[s.kv_len:], max_new_tokens, fut)
+        if s.kv_len == len(s.history) and max_new_tokens > 0:
+            s.kv_len -= 1  # every token processed: recompute the last one for the logits the first new token needs
+        return self._queued(Request(s, s.history[s.kv_len:], max_new_tokens, fut, base_len=base))
+
+    @staticmethod
+    def _queued(r: Request) -> Request:
+        r.start = (len(r.session.history), r.session.kv_len)
+        return r
+
+    def _abort(self, r: Request, exc: Optional[BaseException]) -> None:
+        """Fail (or drop, when cancelled) ``r``: its session keeps no token the client did not receive."""
+        s = r.session
+        s.busy = False
+        del s.history[r.base_len:]
+        s.kv_len = min(s.kv_len, r.base_len)
+        if s.temporary:
+            self._free(s)
+        if exc is not None:
+            _settle(r.future, exc=exc)
+
+    def _retry(self, r: Request) -> None:
+        """Back to where ``r`` was queued; the KV before that is untouched (steps write only past kv_len)."""
+        s = r.session
+        del s.history[r.start[0]:]
+        s.kv_len = r.start[1]
+        r.pending, r.out, r.logits, r.suspect = s.history[s.kv_len:], [], None, True
+        if s.temporary:
+            self._free(s)
 
     def _drain(self, block: bool) -> None:
         while True:
@@ -240,13 +284,25 @@ class Engine:
             else:
                 fn, args, fut = item
                 try:
-                    fut.set_result(fn(*args))
+                    _settle(fut, fn(*args))
                 except Exception as exc:  # reported to the caller, engine keeps running
-                    fut.set_exception(exc)
+                    _settle(fut, exc=exc)
+
+    def _drop_cancelled(self) -> None:
+        """A client that went away cancelled its request: stop spending steps and its slot on it."""
+        for r in [r for r in self._waiting + self._running if r.future.cancelled()]:
+            self._abort(r, None)
+        self._waiting = [r for r in self._waiting if not r.future.cancelled()]
+        self._running = [r for r in self._running if not r.future.cancelled()]
 
     def _admit(self) -> None:
+        if any(r.suspect for r in self._running):
+            return  # a suspect of a failed step runs alone
+        suspect = next((r for r in self._waiting if r.suspect), None)
+        if suspect is not None and self._running:
+            return  # let the running requests finish first
         still = []
-        for r in self._waiting:
+        for r in ([suspect] if suspect is not None else self._waiting):
             s = r.session
             if s.slot is None:
                 slot = self.pool.acquire()
@@ -267,9 +323,9 @@ class Engine:
                         self.pool.recycle(kv)
                         s.host_kv = None
                         self.stats["restores"] += 1
-            r.admitted = time.perf_counter()
+            r.admitted = r.admitted or time.perf_counter()
             self._running.append(r)
-        self._waiting = still
+        self._waiting = still if suspect is None else [r for r in self._waiting if r is not suspect] + still
 
     def _finish(self, r: Request) -> None:
         s = r.session
@@ -285,8 +341,7 @@ class Engine:
                 self.pool.synchronize()
             self._free(s)
         self.stats["requests"] += 1
-        if not r.future.done():
-            r.future.set_result(res)
+        _settle(r.future, res)
 
     def _decode_step(self) -> None:
         batch = [r for r in self._running if r.decoding]
@@ -337,6 +392,7 @@ class Engine:
         while not self._stop.is_set():
             try:
                 self._drain(block=not (self._waiting or self._running))
+                self._drop_cancelled()
                 for phase, step in (("admit_ms", self._admit), ("decode_ms", self._decode_step),
                                     ("prefill_ms", self._prefill_step)):
                     t0 = time.perf_counter()
@@ -346,12 +402,12 @@ class Engine:
                 for r in done:
                     self._finish(r)
                 self._running = [r for r in self._running if r not in done]
-            except Exception as exc:  # never die: fail what was in flight, keep serving
-                log.exception("engine step failed")
-                for r in self._running:
-                    r.session.busy = False
-                    if r.session.temporary:
-                        self._free(r.session)
-                    if not r.future.done():
-                        r.future.set_exception(EngineError(f"engine error: {exc}"))
+            except Exception as exc:  # never die; fail only the request that caused it
+                log.exception("engine step failed (%d requests in the step)", len(self._running))
+                if len(self._running) == 1:
+                    self._abort(self._running[0], EngineError(f"engine error: {exc}"))
+                else:  # which one? each runs alone until it succeeds or fails on its own
+                    for r in self._running:
+                        self._retry(r)
+                    self._waiting = self._running + self._waiting
                 self._running = []

@@ -18,7 +18,11 @@ MAGIC = b"DJNN"
 VERSION = 1
 _PREFIX = struct.Struct(">4sBI")
 _HLEN = struct.Struct(">I")
-DEFAULT_MAX_FRAME = 1 << 30
+PREFIX_BYTES = _PREFIX.size
+DEFAULT_MAX_FRAME = 64 << 20  # without a model to size it from (see djinn.server.limits)
+MAX_DEPTH = 32                # JSON nesting a header may use
+MAX_HEADER = 1 << 20          # header bytes (token ids and KV travel as tensors, not JSON)
+MAX_TENSORS, MAX_DIMS, MAX_DIM = 16, 8, 1 << 31
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "int64": torch.int64, "int32": torch.int32}
@@ -45,34 +49,96 @@ def encode(header: dict[str, Any], tensors: Optional[dict[str, torch.Tensor]] = 
     return b"".join([_PREFIX.pack(MAGIC, VERSION, payload_len), _HLEN.pack(len(head)), head, *blobs])
 
 
+def _no_constant(name: str) -> Any:
+    raise ProtocolError(f"header: {name} is not JSON (strict JSON has no NaN or Infinity)")
+
+
+def _depth_ok(text: str) -> bool:
+    """Nesting within MAX_DEPTH, counted outside strings (json's recursion would fail far deeper, loudly)."""
+    depth, in_str, esc = 0, False, False
+    for ch in text:
+        if in_str:
+            esc, in_str = (not esc and ch == "\\"), (in_str if esc or ch != '"' else False)
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def parse_header(raw: bytes) -> dict[str, Any]:
+    """Strict JSON object: UTF-8, no NaN/Infinity, nesting <= MAX_DEPTH."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("header is not UTF-8") from None
+    if not _depth_ok(text):
+        raise ProtocolError(f"header nests deeper than {MAX_DEPTH} levels")
+    try:
+        header = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a JSON object")
+    return header
+
+
+def _int(value: Any, what: str, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= hi:
+        raise ProtocolError(f"{what}: expected an integer in 0..{hi}, got {value!r}"[:200])
+    return value
+
+
+def _descriptor(meta: Any) -> tuple[str, torch.dtype, int, int, tuple[int, ...]]:
+    """(name, dtype, offset, nbytes, shape) of one tensor descriptor, every field type-checked."""
+    if not isinstance(meta, dict):
+        raise ProtocolError("tensors: each entry must be an object {name, dtype, shape, offset, nbytes}")
+    name, dtype = meta.get("name"), meta.get("dtype")
+    if not isinstance(name, str) or not name:
+        raise ProtocolError(f"tensors: name must be a non-empty string, got {name!r}"[:200])
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise ProtocolError(f"tensor {name!r}: dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}"[:200])
+    shape = meta.get("shape")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+        raise ProtocolError(f"tensor {name!r}: shape must be a list of at most {MAX_DIMS} integers")
+    dims = tuple(_int(d, f"tensor {name!r}: shape", MAX_DIM) for d in shape)
+    lo = _int(meta.get("offset"), f"tensor {name!r}: offset", 1 << 62)
+    n = _int(meta.get("nbytes"), f"tensor {name!r}: nbytes", 1 << 62)
+    return name, _DTYPES[dtype], lo, n, dims
+
+
 def decode_payload(payload: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Header and tensors of a payload; anything malformed raises ProtocolError (nothing else)."""
     if len(payload) < _HLEN.size:
         raise ProtocolError("payload shorter than its header length field")
     (hlen,) = _HLEN.unpack_from(payload)
     if hlen > len(payload) - _HLEN.size:
         raise ProtocolError("header length exceeds payload")
-    try:
-        header = json.loads(payload[_HLEN.size:_HLEN.size + hlen])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"header is not JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise ProtocolError("header must be a JSON object")
+    if hlen > MAX_HEADER:
+        raise ProtocolError(f"header of {hlen} bytes exceeds {MAX_HEADER}; send token ids as a tensor")
+    header = parse_header(payload[_HLEN.size:_HLEN.size + hlen])
+    metas = header.pop("tensors", None)
+    if metas is None:
+        metas = []
+    if not isinstance(metas, list) or len(metas) > MAX_TENSORS:
+        raise ProtocolError(f"tensors: expected a list of at most {MAX_TENSORS} descriptors")
     tail = bytearray(payload[_HLEN.size + hlen:])
-    tensors = {}
-    for meta in header.pop("tensors", None) or []:
-        try:
-            dtype = _DTYPES[meta["dtype"]]
-            lo, n = int(meta["offset"]), int(meta["nbytes"])
-            shape = tuple(int(d) for d in meta["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise ProtocolError(f"bad tensor descriptor {meta!r}") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for meta in metas:
+        name, dtype, lo, n, shape = _descriptor(meta)
+        if name in tensors:
+            raise ProtocolError(f"tensor {name!r} appears twice")
         count = 1
         for d in shape:
             count *= d
-        if lo < 0 or lo + n > len(tail) or min(shape, default=0) < 0 or count * dtype.itemsize != n:
-            raise ProtocolError(f"tensor {meta.get('name')!r} does not fit the frame")
-        tensors[meta["name"]] = (torch.frombuffer(tail, dtype=dtype, count=count, offset=lo).reshape(shape)
-                                 if count else torch.empty(shape, dtype=dtype))
+        if lo + n > len(tail) or count * dtype.itemsize != n:
+            raise ProtocolError(f"tensor {name!r} does not fit the frame")
+        tensors[name] = (torch.frombuffer(tail, dtype=dtype, count=count, offset=lo).reshape(shape)
+                         if count else torch.empty(shape, dtype=dtype))
     return header, tensors
 
 
