@@ -6,7 +6,8 @@
 ...     more = s.generate(observation_ids, max_new_tokens=50)  # Reflect: only the new tokens
 ...     s.close()
 
-The address comes from the argument, else ``GENIE_SERVER_ADDRESS``, else localhost:5556.
+The address comes from the argument, else ``GENIE_SERVER_ADDRESS``, else localhost:5556; the
+bearer token from the argument, else ``DJINN_AUTH_TOKEN`` (sent once per connection, in ``hello``).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from djinn.server import protocol
 from djinn.spec import split_hostport
 
 DEFAULT_ADDRESS = "localhost:5556"
+TOKEN_ENV = "DJINN_AUTH_TOKEN"
+REPLY_MAX_FRAME = 1 << 30  # replies come from the server we chose: a 7B semantic_blind KV at 4k tokens fits
 
 
 class DjinnError(RuntimeError):
@@ -43,7 +46,11 @@ class DjinnConnectionError(DjinnError):
     pass
 
 
-_ERRORS = {"concurrency_limit": ConcurrencyLimitExceeded, "not_found": SessionNotFound}
+class Unauthorized(DjinnError):
+    """The server requires a bearer token: pass token= or set DJINN_AUTH_TOKEN."""
+
+
+_ERRORS = {"concurrency_limit": ConcurrencyLimitExceeded, "not_found": SessionNotFound, "unauthorized": Unauthorized}
 _IDEMPOTENT = {"hello", "stats", "load_model", "close_session", "park"}
 
 
@@ -57,8 +64,9 @@ class Reply:
 
 class DjinnClient:
     def __init__(self, address: Optional[str] = None, timeout: float = 600.0, connect_timeout: float = 10.0,
-                 max_frame: int = protocol.DEFAULT_MAX_FRAME):
+                 max_frame: int = REPLY_MAX_FRAME, token: Optional[str] = None):
         self.address = address or os.environ.get("GENIE_SERVER_ADDRESS") or DEFAULT_ADDRESS
+        self.token = token or os.environ.get(TOKEN_ENV) or None
         self.host, self.port = split_hostport(self.address)
         self.timeout, self.connect_timeout, self.max_frame = timeout, connect_timeout, max_frame
         self._sock: Optional[socket.socket] = None
@@ -76,6 +84,12 @@ class DjinnClient:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(self.timeout)
             self._sock = sock
+            if self.token is not None:  # authenticates the connection; not counted as request bytes
+                header, _ = protocol.decode_payload(self._roundtrip(protocol.encode(
+                    {"op": "hello", "id": 0, "token": self.token}))[0])
+                if not header.get("ok"):
+                    self.close()
+                    raise Unauthorized(header.get("code", "unauthorized"), header.get("error", "hello refused"))
         return self
 
     def close(self) -> None:
@@ -140,12 +154,12 @@ class DjinnClient:
 
     def open_session(self, model_id: Optional[str] = None, mode: str = "full_djinn",
                      weights: Optional[str] = None) -> "DjinnSession":
-        sid = self.request("open_session", model_id=model_id, mode=mode, weights=weights).header["session_id"]
-        return DjinnSession(self, sid, model_id, mode)
+        header = self.request("open_session", model_id=model_id, mode=mode, weights=weights).header
+        return DjinnSession(self, header["session_id"], header["session_key"], model_id, mode)
 
-    def generate(self, session_id: str, new_token_ids: list[int], max_new_tokens: int) -> Reply:
+    def generate(self, session_id: str, session_key: str, new_token_ids: list[int], max_new_tokens: int) -> Reply:
         return self.request("generate", {"tokens": torch.tensor(list(new_token_ids), dtype=torch.int64)},
-                            session_id=session_id, max_new_tokens=max_new_tokens)
+                            session_id=session_id, session_key=session_key, max_new_tokens=max_new_tokens)
 
     def forward(self, tokens: list[int], model_id: Optional[str] = None,
                 past_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None, return_kv: bool = False) -> Reply:
@@ -154,28 +168,29 @@ class DjinnClient:
             tensors.update(k=past_kv[0], v=past_kv[1])
         return self.request("forward", tensors, model_id=model_id, return_kv=return_kv)
 
-    def close_session(self, session_id: str) -> bool:
-        return self.request("close_session", session_id=session_id).header["closed"]
+    def close_session(self, session_id: str, session_key: str) -> bool:
+        return self.request("close_session", session_id=session_id, session_key=session_key).header["closed"]
 
-    def park(self, session_id: str) -> bool:
-        return self.request("park", session_id=session_id).header["parked"]
+    def park(self, session_id: str, session_key: str) -> bool:
+        return self.request("park", session_id=session_id, session_key=session_key).header["parked"]
 
 
 class DjinnSession:
-    """A server-side session; ``generate`` sends only tokens the server has not processed."""
+    """A server-side session; ``generate`` sends only tokens the server has not processed. ``key`` proves
+    the session is ours (the server answers not_found to anyone without it)."""
 
-    def __init__(self, client: DjinnClient, session_id: str, model_id: Optional[str], mode: str):
-        self.client, self.id, self.model_id, self.mode = client, session_id, model_id, mode
+    def __init__(self, client: DjinnClient, session_id: str, key: str, model_id: Optional[str], mode: str):
+        self.client, self.id, self.key, self.model_id, self.mode = client, session_id, key, model_id, mode
         self.kv_processed_len = 0
 
     def generate(self, new_token_ids: list[int], max_new_tokens: int) -> list[int]:
-        reply = self.client.generate(self.id, new_token_ids, max_new_tokens)
+        reply = self.client.generate(self.id, self.key, new_token_ids, max_new_tokens)
         self.kv_processed_len = reply.header["kv_processed_len"]
         return reply.tensors["tokens"].tolist()
 
     def park(self) -> bool:
         """Tell the server this agent is acting (idle): its KV may move to host memory."""
-        return self.client.park(self.id)
+        return self.client.park(self.id, self.key)
 
     def close(self) -> bool:
-        return self.client.close_session(self.id)
+        return self.client.close_session(self.id, self.key)

@@ -9,6 +9,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_LLAMA = "djinn/tiny-llama"
+ADMIN_TOKEN = "admin-secret"  # the shared server's --admin-token (it has no client token: loopback)
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +25,8 @@ def djinn_server(tmp_path_factory):
     from djinn.runners.local_server import LocalServer
 
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with LocalServer(TINY_LLAMA, weights="synthetic", device="cpu", log_path=str(log)) as server:
+    with LocalServer(TINY_LLAMA, weights="synthetic", device="cpu", log_path=str(log),
+                     extra=["--admin-token", ADMIN_TOKEN]) as server:
         server.log = log
         yield server
 

@@ -12,7 +12,7 @@ import torch
 from djinn.client import ConcurrencyLimitExceeded, DjinnClient, DjinnError, SessionNotFound
 from djinn.runners.decode import REMOTE_MODES
 from djinn.runners.local_server import LocalServer
-from tests.conftest import TINY_LLAMA, hf_greedy
+from tests.conftest import ADMIN_TOKEN, TINY_LLAMA, hf_greedy
 
 PROMPT = list(range(10, 82))
 
@@ -55,10 +55,19 @@ def test_control_plane_health_metrics_and_sessions(djinn_server):
     req = urllib.request.Request(base + "/v1/sessions", data=json.dumps({"mode": "full_djinn"}).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req) as r:
-        sid = json.load(r)["sessionId"]
-    with urllib.request.urlopen(base + "/v1/sessions") as r:
+        opened = json.load(r)
+    sid = opened["sessionId"]
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with urllib.request.urlopen(urllib.request.Request(base + "/v1/sessions", headers=admin)) as r:
         assert sid in [s["sessionId"] for s in json.load(r)["sessions"]]
-    with urllib.request.urlopen(urllib.request.Request(f"{base}/v1/sessions/{sid}", method="DELETE")) as r:
+    with pytest.raises(urllib.error.HTTPError) as err:  # listing is the admin's
+        urllib.request.urlopen(base + "/v1/sessions")
+    assert err.value.code == 403
+    with pytest.raises(urllib.error.HTTPError) as err:  # deleting needs the session's key
+        urllib.request.urlopen(urllib.request.Request(f"{base}/v1/sessions/{sid}", method="DELETE"))
+    assert err.value.code == 404
+    with urllib.request.urlopen(urllib.request.Request(f"{base}/v1/sessions/{sid}", method="DELETE",
+                                                       headers={"X-Session-Key": opened["sessionKey"]})) as r:
         assert json.load(r)["closed"] is True
     text = djinn_server.metrics()
     assert "djinn_requests_total" in text and f'djinn_engine_kv_slots{{model="{TINY_LLAMA}"}}' in text
@@ -93,10 +102,10 @@ def test_malformed_frames_get_an_error_reply_and_the_server_survives(djinn_serve
         with pytest.raises(DjinnError, match="^tokens: id 32000 is outside the model's vocabulary"):
             s.generate([5, 32000], 2)
         with pytest.raises(DjinnError, match="^max_new_tokens: expected an integer"):
-            c.request("generate", session_id=s.id, max_new_tokens="many", tokens=[1])
+            c.request("generate", session_id=s.id, session_key=s.key, max_new_tokens="many", tokens=[1])
         with pytest.raises(DjinnError, match="^tokens: id -1"):
             c.forward([-1])
-        with pytest.raises(DjinnError, match="^tokens: expected an int64 tensor"):
+        with pytest.raises(DjinnError, match="^tokens: expected a 1-D int64 tensor of token ids, got float32"):
             c.request("forward", {"tokens": torch.ones(3)})
         with pytest.raises(DjinnError, match=r"^k: expected a cache of shape \[2, 2, length, 16\]"):
             c.forward([1], past_kv=(torch.zeros(2, 2, 4, 8), torch.zeros(2, 2, 4, 8)))

@@ -134,6 +134,23 @@ def resolve_weights(model_id: str, weights: str = "auto", seed: int = 0) -> tupl
     return "synthetic", f"{synthetic_config_path(model_id).name} with seeded random weights (seed {seed})"
 
 
+def model_config(model_id: str, weights: str = "auto"):
+    """The transformers config load_model would build ``model_id`` from (no weights read)."""
+    kind, where = resolve_weights(model_id, weights)
+    if kind == "pretrained":
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(where)
+    return synthetic_config(model_id)
+
+
+def estimate_weight_bytes(model_id: str, weights: str = "auto", dtype: str = "auto", device: str = "auto") -> int:
+    """Bytes of ``model_id``'s weights at ``dtype``, counted on the meta device (nothing allocated)."""
+    dev = resolve_device(device)
+    model = _from_config(model_config(model_id, weights), resolve_dtype(dtype, dev), torch.device("meta"))
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def _from_config(config, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 

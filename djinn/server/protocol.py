@@ -142,14 +142,22 @@ def decode_payload(payload: bytes) -> tuple[dict[str, Any], dict[str, torch.Tens
     return header, tensors
 
 
-async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_FRAME) -> Optional[bytes]:
-    """The next payload, or None at a clean end of stream."""
+async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_FRAME,
+                     idle_timeout: Optional[float] = None, read_timeout: Optional[float] = None) -> Optional[bytes]:
+    """The next payload, or None at a clean end of stream. ``idle_timeout`` bounds the wait for a frame
+    to start, ``read_timeout`` the time its bytes take once started (a stalled sender holds nothing)."""
     try:
-        prefix = await reader.readexactly(_PREFIX.size)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
+        first = await asyncio.wait_for(reader.readexactly(1), idle_timeout)
+    except asyncio.IncompleteReadError:
+        return None
+    except asyncio.TimeoutError:
+        raise ProtocolError(f"idle for {idle_timeout:.0f} s with no request; reconnect when needed") from None
+    try:
+        prefix = first + await asyncio.wait_for(reader.readexactly(_PREFIX.size - 1), read_timeout)
+    except asyncio.IncompleteReadError:
         raise ProtocolError("connection closed inside a frame prefix") from None
+    except asyncio.TimeoutError:
+        raise ProtocolError(f"frame prefix not received within {read_timeout:.0f} s") from None
     magic, version, length = _PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise ProtocolError("bad magic: not a Djinn frame")
@@ -158,7 +166,9 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_
     if length > max_frame:
         raise ProtocolError(f"frame of {length} bytes exceeds the {max_frame}-byte limit")
     try:
-        return await reader.readexactly(length)
+        return await asyncio.wait_for(reader.readexactly(length), read_timeout)
     except asyncio.IncompleteReadError:
         raise ProtocolError("connection closed inside a frame") from None
+    except asyncio.TimeoutError:
+        raise ProtocolError(f"frame of {length} bytes not received within {read_timeout:.0f} s") from None
 

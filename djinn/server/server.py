@@ -1,68 +1,160 @@
-"""The Djinn server's two listeners: the framed data plane and the HTTP control plane."""
+"""The Djinn server's two listeners: the framed data plane and the HTTP control plane.
+
+Every request gets a reply; a request whose client disconnects is cancelled (its admission
+slot freed); SIGTERM/SIGINT stop accepting, give in-flight requests the shutdown grace, answer
+what is left with ``shutting_down`` and return.
+"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
+import signal
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from aiohttp import web
 
 from djinn.server import protocol
-from djinn.server.service import DjinnService, RequestError, ServerConfig
+from djinn.server.limits import (CONTROL_MAX_BODY, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_READ_TIMEOUT_S,
+                                 DEFAULT_SHUTDOWN_GRACE_S)
+from djinn.server.service import DjinnService, RequestError, ServerConfig, same_secret
 
 log = logging.getLogger("djinn.server")
+DISCONNECT_POLL_S = 0.2  # how often an in-flight request checks that its client is still there
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _field(h: dict, name: str, kind: type, default: Any = None, required: bool = False) -> Any:
+    """A header field of exactly ``kind`` (bool is not an int); one-line bad_request otherwise."""
+    value = h.get(name, default)
+    if value is None and not required:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        what = {int: "an integer", bool: "true or false", str: "a string"}[kind]
+        raise RequestError("bad_request", f"{name}: expected {what}, got {value!r}"[:200])
+    return value
 
 
 def _tokens(header: dict, tensors: dict, key: str = "tokens") -> list[int]:
+    """Token ids: an int64/int32 tensor, or a JSON list of integers (never booleans)."""
     if key in tensors:
-        if tensors[key].dtype not in (torch.int64, torch.int32):
-            raise RequestError("bad_request", f"{key}: expected an int64 tensor of token ids, got {tensors[key].dtype}")
-        return tensors[key].reshape(-1).tolist()
+        t = tensors[key]
+        if t.dtype not in (torch.int64, torch.int32) or t.dim() > 1:
+            raise RequestError("bad_request", f"{key}: expected a 1-D int64 tensor of token ids, "
+                                              f"got {str(t.dtype).removeprefix('torch.')} of shape {list(t.shape)}")
+        return t.tolist()
     value = header.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(t, int) and t >= 0 for t in value):
-        raise RequestError("bad_request", f"{key}: expected a list of non-negative token ids")
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise RequestError("bad_request", f"{key}: expected a list of integer token ids")
     return value
+
+
+def _request_id(h: dict) -> Any:
+    rid = h.get("id")
+    return rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+
+
+@dataclass
+class Connection:
+    id: int
+    authenticated: bool
 
 
 class DataPlane:
     """One coroutine per client connection; requests on a connection are served in order."""
 
-    def __init__(self, service: DjinnService, max_frame: int):
-        self.service, self.max_frame = service, max_frame
+    def __init__(self, service: DjinnService, config: ServerConfig, read_timeout: float, idle_timeout: float):
+        self.service, self.config = service, config
+        self.read_timeout, self.idle_timeout = read_timeout, idle_timeout
+        self.handlers: set[asyncio.Task] = set()
+
+    async def _send(self, writer: asyncio.StreamWriter, reply: bytes) -> None:
+        self.service.counters["bytes_out_total"] += len(reply)
+        writer.write(reply)
+        await writer.drain()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = self.service.new_connection()
+        conn = Connection(self.service.new_connection(), authenticated=self.config.auth_token is None)
+        task = asyncio.current_task()
+        self.handlers.add(task)
         try:
             while True:
                 try:
-                    payload = await protocol.read_frame(reader, self.max_frame)
+                    payload = await protocol.read_frame(reader, self.service.frame_limit(),
+                                                        self.idle_timeout, self.read_timeout)
                     if payload is None:
                         break
                     header, tensors = protocol.decode_payload(payload)
                 except protocol.ProtocolError as exc:
-                    log.warning("connection %d: %s; closing it", conn, exc)
-                    writer.write(protocol.encode({"ok": False, "code": "protocol_error", "error": str(exc)}))
-                    await writer.drain()
+                    log.warning("connection %d: %s; closing it", conn.id, exc)
+                    await self._send(writer, protocol.encode({"ok": False, "code": "protocol_error", "error": str(exc)}))
                     break
-                self.service.counters["bytes_in_total"] += len(payload) + 9
-                reply = await self.dispatch(conn, header, tensors)
-                self.service.counters["bytes_out_total"] += len(reply)
-                writer.write(reply)
-                await writer.drain()
+                self.service.counters["bytes_in_total"] += len(payload) + protocol.PREFIX_BYTES
+                if not self._authenticate(conn, header):
+                    await self._send(writer, protocol.encode({
+                        "ok": False, "id": _request_id(header), "code": "unauthorized",
+                        "error": "token: this server requires its bearer token (send hello with token first)"}))
+                    break
+                reply = await self._serve(conn, header, tensors, reader, writer)
+                if reply is None:  # the client left: its request was cancelled
+                    break
+                await self._send(writer, reply)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:  # shutdown after the grace: the connection's request was answered
+            pass
         finally:
-            await self.service.connection_lost(conn)
+            self.handlers.discard(task)
+            await self.service.connection_lost(conn.id)
             writer.close()
 
+    def _authenticate(self, conn: Connection, header: dict) -> bool:
+        if not conn.authenticated and same_secret(header.get("token"), self.config.auth_token):
+            conn.authenticated = True
+        return conn.authenticated
+
+    async def _serve(self, conn: Connection, header: dict, tensors: dict, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> Optional[bytes]:
+        """The reply; None when the client disconnected first (the request is cancelled, its slot freed)."""
+        work = asyncio.ensure_future(self.dispatch(conn.id, header, tensors))
+        try:
+            while True:
+                done, _ = await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return work.result()
+                if reader.at_eof() or writer.is_closing():
+                    work.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await work
+                    log.info("connection %d: client left; request %s cancelled", conn.id, header.get("op"))
+                    return None
+        except asyncio.CancelledError:  # the server stops: answer before the connection goes
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+            with contextlib.suppress(Exception):
+                await self._send(writer, protocol.encode({"ok": False, "id": _request_id(header),
+                                                          "code": "shutting_down",
+                                                          "error": "the server stopped before this request finished"}))
+            raise
+
     async def dispatch(self, conn: int, header: dict, tensors: dict) -> bytes:
-        rid = header.get("id")
-        op = header.get("op")
-        handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+        rid, op = _request_id(header), header.get("op")
+        handler = getattr(self, f"op_{op}", None) if isinstance(op, str) and op.isidentifier() else None
         try:
             if handler is None:
-                raise RequestError("bad_request", f"op: unknown operation {op!r}")
+                raise RequestError("bad_request", f"op: unknown operation {op!r}"[:200])
             body, out = await handler(conn, header, tensors)
             return protocol.encode(dict(body, ok=True, id=rid), out)
         except RequestError as exc:
@@ -72,34 +164,34 @@ class DataPlane:
             return protocol.encode({"ok": False, "id": rid, "code": "internal", "error": f"{type(exc).__name__}: {exc}"})
 
     async def op_hello(self, conn, h, t):
-        return {"version": protocol.VERSION, "models": list(self.service.models), "max_frame": self.max_frame}, None
+        return {"version": protocol.VERSION, "models": list(self.service.models),
+                "max_frame": self.service.frame_limit()}, None
 
     async def op_load_model(self, conn, h, t):
-        entry = await self.service.load(str(h.get("model_id")), h.get("weights"), h.get("dtype"))
+        entry = await self.service.load(h.get("model_id"), h.get("weights"), h.get("dtype"))
         return {"model_id": entry.loaded.model_id, "weights": entry.loaded.weights,
                 "weight_bytes": entry.loaded.weight_bytes}, None
 
     async def op_open_session(self, conn, h, t):
-        sid = await self.service.open_session(conn, h.get("model_id"), h.get("mode", "full_djinn"), h.get("weights"))
-        return {"session_id": sid}, None
+        sid, key = await self.service.open_session(conn, h.get("model_id"), h.get("mode", "full_djinn"),
+                                                   h.get("weights"))
+        return {"session_id": sid, "session_key": key}, None
 
     async def op_close_session(self, conn, h, t):
-        return {"closed": await self.service.close_session(conn, str(h.get("session_id")))}, None
+        return {"closed": await self.service.close_session(conn, h.get("session_id"), h.get("session_key"))}, None
 
     async def op_park(self, conn, h, t):
-        return {"parked": await self.service.park_session(conn, str(h.get("session_id")))}, None
+        return {"parked": await self.service.park_session(conn, h.get("session_id"), h.get("session_key"))}, None
 
     async def op_stats(self, conn, h, t):
         return {"metrics": self.service.metrics()}, None
 
     async def op_generate(self, conn, h, t):
         tokens = _tokens(h, t)
-        max_new = h.get("max_new_tokens", 1)
-        if not isinstance(max_new, int) or isinstance(max_new, bool):
-            raise RequestError("bad_request", f"max_new_tokens: expected an integer, got {max_new!r}")
+        max_new = _field(h, "max_new_tokens", int, default=1)
         self.service.admit()
         try:
-            res = await self.service.generate(conn, str(h.get("session_id")), tokens, max_new)
+            res = await self.service.generate(conn, h.get("session_id"), h.get("session_key"), tokens, max_new)
         finally:
             self.service.active -= 1
         body = {"kv_processed_len": res.kv_processed_len, "server_ms": res.total_ms, "queue_ms": res.queue_ms}
@@ -108,10 +200,15 @@ class DataPlane:
     async def op_forward(self, conn, h, t):
         """partially_aware (history in, logits out) or semantic_blind (KV + tokens in, logits + KV out)."""
         tokens = _tokens(h, t)
-        past = (t["k"], t["v"]) if "k" in t and "v" in t else None
+        return_kv = _field(h, "return_kv", bool, default=False)
+        if ("k" in t) != ("v" in t):
+            raise RequestError("bad_request", "k, v: send both past tensors or neither")
+        past = (t["k"], t["v"]) if "k" in t else None
+        if past is not None and any(x.dtype not in (torch.float16, torch.bfloat16, torch.float32) for x in past):
+            raise RequestError("bad_request", "k, v: expected floating-point tensors")
         self.service.admit()
         try:
-            res = await self.service.forward(h.get("model_id"), tokens, past, bool(h.get("return_kv")))
+            res = await self.service.forward(h.get("model_id"), tokens, past, bool(return_kv))
         finally:
             self.service.active -= 1
         out = {"logits": res.logits}
@@ -120,13 +217,26 @@ class DataPlane:
         return {"server_ms": res.total_ms}, out
 
 
-def control_app(service: DjinnService) -> web.Application:
-    """HTTP control plane: health, metrics, models and sessions."""
+def control_app(service: DjinnService, config: ServerConfig, read_timeout: float) -> web.Application:
+    """HTTP control plane: health (open), metrics, models and sessions (bearer token when one is set)."""
+
+    def bearer(request: web.Request) -> Optional[str]:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else None
+
+    @web.middleware
+    async def auth(request: web.Request, handler):
+        if request.path != "/healthz" and config.auth_token is not None \
+                and not (same_secret(bearer(request), config.auth_token)
+                         or same_secret(bearer(request), config.admin_token)):
+            return web.json_response({"error": "Authorization: send 'Bearer <the server's token>'",
+                                      "code": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
 
     async def healthz(_):
-        ready = not service.loading and bool(service.models)
-        return web.json_response({"status": "ok" if ready else "loading", "models": list(service.models)},
-                                 status=200 if ready else 503)
+        ready = not service.loading and bool(service.models) and not service.draining
+        status = "ok" if ready else "stopping" if service.draining else "loading"
+        return web.json_response({"status": status, "models": list(service.models)}, status=200 if ready else 503)
 
     async def metrics(_):
         lines = []
@@ -141,22 +251,29 @@ def control_app(service: DjinnService) -> web.Application:
         try:
             return web.json_response(await fn(*args))
         except RequestError as exc:
-            status = {"not_found": 404, "concurrency_limit": 429}.get(exc.code, 400)
+            status = {"not_found": 404, "concurrency_limit": 429, "forbidden": 403, "unauthorized": 401,
+                      "out_of_memory": 507, "shutting_down": 503}.get(exc.code, 400)
             return web.json_response({"error": str(exc), "code": exc.code}, status=status)
 
     async def body(request) -> dict:
+        """The JSON object body; 413 beyond CONTROL_MAX_BODY (aiohttp's client_max_size), 408 if it stalls."""
         try:
-            data = await request.json()
-        except Exception:
-            raise RequestError("bad_request", "body: expected a JSON object") from None
-        if not isinstance(data, dict):
-            raise RequestError("bad_request", "body: expected a JSON object")
+            raw = await asyncio.wait_for(request.read(), read_timeout)
+        except asyncio.TimeoutError:
+            raise web.HTTPRequestTimeout(text=f"body: not received within {read_timeout:.0f} s") from None
+        try:
+            data = protocol.parse_header(raw) if raw else {}
+        except protocol.ProtocolError as exc:
+            raise RequestError("bad_request", "body" + str(exc).removeprefix("header")) from None
         return data
+
+    def admin(request) -> bool:
+        return config.admin_token is not None and same_secret(bearer(request), config.admin_token)
 
     async def load_model(request):
         async def run():
             d = await body(request)
-            entry = await service.load(str(d.get("modelId", "")), d.get("weights"), d.get("dtype"))
+            entry = await service.load(d.get("modelId"), d.get("weights"), d.get("dtype"))
             return {"modelId": entry.loaded.model_id, "weights": entry.loaded.weights}
         return await call(run)
 
@@ -167,20 +284,25 @@ def control_app(service: DjinnService) -> web.Application:
     async def open_session(request):
         async def run():
             d = await body(request)
-            return {"sessionId": await service.open_session(None, d.get("modelId"), d.get("mode", "full_djinn"))}
+            sid, key = await service.open_session(None, d.get("modelId"), d.get("mode", "full_djinn"))
+            return {"sessionId": sid, "sessionKey": key}
         return await call(run)
 
     async def close_session(request):
-        return await call(lambda: _closed(request.match_info["sid"]))
+        async def run():
+            sid = request.match_info["sid"]
+            return {"closed": await service.close_session(None, sid, request.headers.get("X-Session-Key"),
+                                                          admin=admin(request))}
+        return await call(run)
 
-    async def _closed(sid):
-        return {"closed": await service.close_session(None, sid)}
-
-    async def sessions(_):
+    async def sessions(request):
+        if not admin(request):
+            return web.json_response({"error": "listing sessions needs the admin token (--admin-token): "
+                                               "Authorization: Bearer <admin token>", "code": "forbidden"}, status=403)
         return web.json_response({"sessions": [{"sessionId": k, "modelId": v.model_id, "mode": v.mode}
                                                for k, v in service.sessions.items()]})
 
-    app = web.Application()
+    app = web.Application(middlewares=[auth], client_max_size=CONTROL_MAX_BODY)
     app.add_routes([web.get("/healthz", healthz), web.get("/metrics", metrics), web.get("/v1/models", models),
                     web.post("/v1/models", load_model), web.get("/v1/sessions", sessions),
                     web.post("/v1/sessions", open_session), web.delete("/v1/sessions/{sid}", close_session)])
@@ -188,18 +310,26 @@ def control_app(service: DjinnService) -> web.Application:
 
 
 async def serve(config: ServerConfig, host: str, port: int, control_port: Optional[int],
-                max_frame: int, preload: Optional[dict[str, Any]] = None,
-                ready: Optional[asyncio.Event] = None, stop: Optional[asyncio.Event] = None) -> None:
-    """Run both planes until ``stop`` is set (or forever)."""
+                preload: Optional[dict[str, Any]] = None, ready: Optional[asyncio.Event] = None,
+                stop: Optional[asyncio.Event] = None, grace_s: float = DEFAULT_SHUTDOWN_GRACE_S,
+                read_timeout: float = DEFAULT_READ_TIMEOUT_S, idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S) -> None:
+    """Run both planes until ``stop`` is set or SIGTERM / SIGINT arrives, then stop gracefully."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            loop.add_signal_handler(sig, stop.set)
     service = DjinnService(config)
-    data = await asyncio.start_server(DataPlane(service, max_frame).handle, host, port)
+    plane = DataPlane(service, config, read_timeout, idle_timeout)
+    data = await asyncio.start_server(plane.handle, host, port)
     runner = None
     if control_port is not None:
-        runner = web.AppRunner(control_app(service), access_log=None)
+        runner = web.AppRunner(control_app(service, config, read_timeout), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, control_port).start()
-    log.info("Djinn server: data plane %s:%d, control plane %s", host, port,
-             f"{host}:{control_port}" if control_port is not None else "off")
+    log.info("Djinn server: data plane %s:%d, control plane %s, auth %s", host, port,
+             f"{host}:{control_port}" if control_port is not None else "off",
+             "on" if config.auth_token else "off (loopback or --insecure)")
 
     async def reaper():
         while True:
@@ -209,13 +339,24 @@ async def serve(config: ServerConfig, host: str, port: int, control_port: Option
     reap = asyncio.create_task(reaper())
     try:
         if preload:
-            await service.load(**preload)
+            await service.load(**preload, wire=False)
         if ready is not None:
             ready.set()
-        await (stop.wait() if stop is not None else asyncio.Event().wait())
+        await stop.wait()
+        log.info("stopping: no new connections or requests; %d in flight get %.0f s", service.active, grace_s)
+        service.draining = True
+        data.close()
+        deadline = loop.time() + grace_s
+        while service.active and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        handlers = list(plane.handlers)
+        for task in handlers:  # idle connections, and requests past the grace (answered first)
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
     finally:
         reap.cancel()
         data.close()
         if runner is not None:
             await runner.cleanup()
         service.shutdown()
+        log.info("stopped")

@@ -1,4 +1,5 @@
-"""``python -m djinn.server.server_main``: start a Djinn server (flags as in the seed README)."""
+"""``python -m djinn.server.server_main``: start a Djinn server (the experiment READMEs' flags, plus
+auth, limits and shutdown: docs/protocol.md)."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,10 @@ import logging
 import os
 import sys
 
-from djinn.server.protocol import DEFAULT_MAX_FRAME
+from djinn.server.limits import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_READ_TIMEOUT_S, DEFAULT_SHUTDOWN_GRACE_S
 from djinn.server.service import ServerConfig
+
+TOKEN_ENV, ADMIN_TOKEN_ENV = "DJINN_AUTH_TOKEN", "DJINN_ADMIN_TOKEN"
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -28,8 +31,22 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="parked sessions' caches to preallocate in pinned host memory (more are allocated on demand)")
     p.add_argument("--session-ttl", type=float, default=600.0, help="seconds an idle session lives")
     p.add_argument("--orphan-ttl", type=float, default=60.0, help="seconds a session of a dropped client lives")
-    p.add_argument("--max-frame-mb", type=float, default=DEFAULT_MAX_FRAME / 2**20, help="largest frame accepted")
-    p.add_argument("--model-id", default=None, help="model to load at start (clients may load others)")
+    p.add_argument("--max-frame-mb", type=float, default=None,
+                   help="largest frame accepted (default: a semantic_blind KV frame of the loaded models at "
+                        "--max-seq-len, at least 1 MiB)")
+    p.add_argument("--model-id", default=None, help="model to load at start; the default model of sessions")
+    p.add_argument("--allow-model", action="append", default=[], metavar="ID",
+                   help="a model id clients may load besides --model-id and the shipped configs (repeatable)")
+    p.add_argument("--auth-token", default=None, help=f"bearer token required on both planes (env {TOKEN_ENV})")
+    p.add_argument("--admin-token", default=None,
+                   help=f"token that may list and delete any session (env {ADMIN_TOKEN_ENV})")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a token")
+    p.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
+                   help="seconds in-flight requests get after SIGTERM/SIGINT")
+    p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S,
+                   help="seconds a started frame or HTTP body may take to arrive")
+    p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S,
+                   help="seconds a data connection may wait between requests")
     p.add_argument("--weights", default="auto", choices=["auto", "pretrained", "synthetic"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights")
@@ -54,6 +71,18 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise SystemExit("--device cuda: no CUDA GPU is visible; use --device cpu")
     if max_concurrent < 1:
         raise SystemExit("--max-concurrent: must be >= 1")
+    token = args.auth_token or os.environ.get(TOKEN_ENV) or None
+    admin = args.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
+    from djinn.server.server import is_loopback
+
+    if not is_loopback(args.host) and token is None and not args.insecure:
+        raise SystemExit(f"--host {args.host}: not loopback; set --auth-token (or {TOKEN_ENV}) so only your "
+                         "clients are served, or pass --insecure on a network you trust")
+    for name in ("shutdown_grace", "read_timeout", "idle_timeout"):
+        if not getattr(args, name) > 0:
+            raise SystemExit(f"--{name.replace('_', '-')}: must be > 0 seconds")
+    if args.max_frame_mb is not None and not args.max_frame_mb > 0:
+        raise SystemExit("--max-frame-mb: must be > 0")
     for name in ("max_seq_len", "max_slots", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}: must be >= 1")
@@ -61,7 +90,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         max_seq_len=args.max_seq_len, max_slots=args.max_slots, prefill_chunk=args.prefill_chunk,
                         host_kv_slots=max(0, args.host_kv_slots),
                         session_ttl_s=args.session_ttl, orphan_ttl_s=args.orphan_ttl, weights=args.weights,
-                        dtype=args.dtype, seed=args.seed)
+                        dtype=args.dtype, seed=args.seed, model_id=args.model_id, allow_models=tuple(args.allow_model),
+                        max_frame=None if args.max_frame_mb is None else int(args.max_frame_mb * 2**20),
+                        auth_token=token, admin_token=admin)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,13 +101,18 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except SystemExit as exc:  # a bad flag: one line, exit 2 like argparse
+        if not isinstance(exc.code, str):
+            raise
+        print(f"djinn-server: {exc.code}", file=sys.stderr)
+        return 2
     preload = {"model_id": args.model_id, "weights": args.weights, "dtype": args.dtype} if args.model_id else None
     control = None if args.control_port < 0 else args.control_port
     try:
-        asyncio.run(serve(config, args.host, args.port, control, int(args.max_frame_mb * 2**20), preload))
-    except KeyboardInterrupt:
-        pass
+        asyncio.run(serve(config, args.host, args.port, control, preload, grace_s=args.shutdown_grace,
+                          read_timeout=args.read_timeout, idle_timeout=args.idle_timeout))
     except OSError as exc:
         print(f"djinn-server: cannot listen: {exc}", file=sys.stderr)
         return 2

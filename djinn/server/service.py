@@ -8,8 +8,10 @@ pool or, when parked, in host memory (Data Segment).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -17,7 +19,9 @@ from typing import Any, Optional
 import torch
 
 from djinn.engine.engine import MODES, Engine, EngineError
-from djinn.models.loader import LoadedModel, ModelLoadError, load_model
+from djinn.models.loader import (LoadedModel, ModelLoadError, estimate_weight_bytes, load_model, resolve_device,
+                                 shipped_model_ids)
+from djinn.server.limits import MIN_FRAME, kv_frame_bytes
 
 log = logging.getLogger("djinn.server")
 GiB = 1 << 30
@@ -45,6 +49,19 @@ class ServerConfig:
     weights: str = "auto"
     dtype: str = "auto"
     seed: int = 0
+    model_id: Optional[str] = None          # loaded at start; the default model of sessions that name none
+    allow_models: tuple[str, ...] = ()      # loadable from the wire besides model_id and the shipped configs
+    max_frame: Optional[int] = None         # None: derived from the loaded models (limits.kv_frame_bytes)
+    auth_token: Optional[str] = None        # required on both planes when set
+    admin_token: Optional[str] = None       # lists and deletes any session on the control plane
+
+    @property
+    def allowed_models(self) -> set[str]:
+        return {*shipped_model_ids(), *self.allow_models, *([self.model_id] if self.model_id else [])}
+
+
+def same_secret(given: Any, expected: Optional[str]) -> bool:
+    return isinstance(given, str) and expected is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
 @dataclass
@@ -52,6 +69,7 @@ class SessionInfo:
     model_id: str
     mode: str
     owner: Optional[int]
+    key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     last_active: float = field(default_factory=time.monotonic)
     orphaned_at: Optional[float] = None
 
@@ -73,8 +91,19 @@ class DjinnService:
         self._conn_ids = itertools.count(1)
         self._load_lock = asyncio.Lock()
         self.loading = False
+        self.draining = False  # shutting down: no new request is taken
+        self.default_model: Optional[str] = None
 
     # -- models ------------------------------------------------------------------
+    def frame_limit(self) -> int:
+        """--max-frame-mb, else the largest legitimate frame of the loaded models at --max-seq-len."""
+        if self.config.max_frame is not None:
+            return self.config.max_frame
+        sizes = [kv_frame_bytes(m.engine.net.shape.n_layers, m.engine.net.shape.n_kv_heads, m.engine.net.shape.head_dim,
+                                m.engine.net.shape.vocab_size, m.engine.pool.max_seq, m.engine.dtype.itemsize)
+                 for m in self.models.values()]
+        return max([MIN_FRAME, *sizes])
+
     def _kv_budget(self, weight_bytes: int, device: torch.device) -> int:
         cap = self.config.max_vram_gb * GiB
         if device.type == "cuda":
@@ -87,35 +116,57 @@ class DjinnService:
                                                 f"KV cache after {weight_bytes / GiB:.2f} GiB of weights; raise it")
         return budget
 
-    async def load(self, model_id: str, weights: Optional[str] = None, dtype: Optional[str] = None) -> ModelEntry:
-        """Load ``model_id`` once; later calls (any session, any client) share it."""
+    async def load(self, model_id: Any, weights: Any = None, dtype: Any = None, wire: bool = True) -> ModelEntry:
+        """Load ``model_id`` once; later calls (any session, any client) share it. From the wire only an
+        allowed id loads, and only if its weights and a KV cache fit --max-vram-gb (checked before allocating)."""
+        if not isinstance(model_id, str) or not model_id:
+            raise RequestError("bad_request", f"model_id: expected a model id string, got {type(model_id).__name__}")
+        for name, value, choices in (("weights", weights, ("auto", "pretrained", "synthetic")),
+                                     ("dtype", dtype, ("auto", "float32", "float16", "bfloat16"))):
+            if value is not None and value not in choices:
+                raise RequestError("bad_request", f"{name}: expected one of {', '.join(choices)}, got {value!r}"[:200])
+        if model_id in self.models:
+            return self.models[model_id]
+        if wire and model_id not in self.config.allowed_models:
+            raise RequestError("forbidden", f"model_id: {model_id!r} is not loadable on this server; allowed: "
+                                            f"{', '.join(sorted(self.config.allowed_models))} (operators add ids "
+                                            "with --allow-model)"[:400])
         async with self._load_lock:
             if model_id in self.models:
                 return self.models[model_id]
             self.loading = True
             try:
+                if wire:
+                    need = await asyncio.to_thread(estimate_weight_bytes, model_id, weights or self.config.weights,
+                                                   dtype or self.config.dtype, self.config.device)
+                    self._kv_budget(need, resolve_device(self.config.device))
                 loaded = await asyncio.to_thread(load_model, model_id, weights or self.config.weights,
                                                  dtype or self.config.dtype, self.config.device, self.config.seed)
                 budget = self._kv_budget(loaded.weight_bytes, loaded.device)
                 engine = Engine(loaded.model, max_seq=self.config.max_seq_len, kv_budget_bytes=budget,
                                 max_slots=self.config.max_slots, prefill_chunk=self.config.prefill_chunk,
                                 host_slots=self.config.host_kv_slots)
-            except ModelLoadError as exc:
-                raise RequestError("bad_request", str(exc)) from None
+            except (ModelLoadError, OSError, ValueError) as exc:
+                raise RequestError("bad_request", f"model_id: {model_id!r} cannot be loaded: "
+                                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                                   if not isinstance(exc, ModelLoadError) else str(exc)) from None
             finally:
                 self.loading = False
             self.models[model_id] = ModelEntry(loaded, engine)
+            self.default_model = self.default_model or model_id
             log.info("loaded %s (%s weights, %.1f MiB, %s %s): %d KV slots of %d tokens", model_id,
                      loaded.weights, loaded.weight_bytes / 2**20, loaded.device, str(loaded.dtype).removeprefix("torch."),
                      engine.pool.n_slots, engine.pool.max_seq)
             return self.models[model_id]
 
-    def _model(self, model_id: Optional[str]) -> ModelEntry:
+    def _model(self, model_id: Any) -> ModelEntry:
+        """The named model, or the server's default (its --model-id, else the first loaded)."""
         if model_id is None:
-            if len(self.models) != 1:
-                raise RequestError("bad_request", "model_id: required when the server holds "
-                                                  f"{len(self.models)} models")
-            return next(iter(self.models.values()))
+            if self.default_model is None:
+                raise RequestError("not_found", "model_id: the server holds no model yet; send load_model first")
+            return self.models[self.default_model]
+        if not isinstance(model_id, str):
+            raise RequestError("bad_request", f"model_id: expected a string, got {type(model_id).__name__}")
         entry = self.models.get(model_id)
         if entry is None:
             raise RequestError("not_found", f"model_id: {model_id} is not loaded; send load_model first")
@@ -134,32 +185,35 @@ class DjinnService:
                 if entry is not None:
                     await asyncio.wrap_future(entry.engine.park_session(sid))
 
-    async def open_session(self, conn: Optional[int], model_id: Optional[str], mode: str,
-                           weights: Optional[str] = None) -> str:
+    async def open_session(self, conn: Optional[int], model_id: Any, mode: Any,
+                           weights: Any = None) -> tuple[str, str]:
+        """(session id, session key): the key proves ownership in every later request on the session."""
         if mode not in MODES:
-            raise RequestError("bad_request", f"mode: {mode!r} is not one of {', '.join(MODES)}")
-        entry = await self.load(model_id, weights) if model_id else self._model(None)
+            raise RequestError("bad_request", f"mode: {mode!r} is not one of {', '.join(MODES)}"[:200])
+        entry = await self.load(model_id, weights) if model_id is not None else self._model(None)
         s = await asyncio.wrap_future(entry.engine.open_session(mode))
-        self.sessions[s.id] = SessionInfo(entry.loaded.model_id, mode, conn)
+        info = self.sessions[s.id] = SessionInfo(entry.loaded.model_id, mode, conn)
         self.counters["sessions_opened_total"] += 1
-        return s.id
+        return s.id, info.key
 
-    def _session(self, conn: Optional[int], sid: Any) -> tuple[SessionInfo, ModelEntry]:
-        info = self.sessions.get(str(sid))
-        if info is None:
-            raise RequestError("not_found", f"session_id: {sid} not found (closed or expired); open a new session")
+    def _session(self, conn: Optional[int], sid: Any, key: Any, admin: bool = False) -> tuple[SessionInfo, ModelEntry]:
+        """The session if ``key`` is its key (or the caller is the admin); anyone else learns nothing: not_found."""
+        info = self.sessions.get(sid) if isinstance(sid, str) else None
+        if info is None or not (admin or same_secret(key, info.key)):
+            raise RequestError("not_found", f"session_id: {sid!r} not found (closed, expired, or not yours: send "
+                                            "its session_key); open a new session"[:300])
         info.last_active = time.monotonic()
-        if conn is not None:
+        if conn is not None:  # the owner, from this connection now (a reconnect)
             info.owner, info.orphaned_at = conn, None
         return info, self.models[info.model_id]
 
-    async def close_session(self, conn: Optional[int], sid: str) -> bool:
-        info, entry = self._session(conn, sid)
+    async def close_session(self, conn: Optional[int], sid: Any, key: Any, admin: bool = False) -> bool:
+        info, entry = self._session(conn, sid, key, admin)
         del self.sessions[sid]
         return await asyncio.wrap_future(entry.engine.close_session(sid))
 
-    async def park_session(self, conn: Optional[int], sid: str) -> bool:
-        _, entry = self._session(conn, sid)
+    async def park_session(self, conn: Optional[int], sid: Any, key: Any) -> bool:
+        _, entry = self._session(conn, sid, key)
         return await asyncio.wrap_future(entry.engine.park_session(sid))
 
     async def expire_sessions(self) -> int:
@@ -184,6 +238,8 @@ class DjinnService:
             raise RequestError("bad_request", f"tokens: id {bad} is outside the model's vocabulary (0..{vocab - 1})")
 
     def admit(self) -> None:
+        if self.draining:
+            raise RequestError("shutting_down", "the server is shutting down; retry on another server or later")
         if self.active >= self.config.max_concurrent:
             self.counters["requests_refused_total"] += 1
             raise RequestError("concurrency_limit", f"Concurrency limit exceeded: {self.active} active requests "
@@ -191,8 +247,8 @@ class DjinnService:
         self.active += 1
         self.counters["requests_total"] += 1
 
-    async def generate(self, conn: Optional[int], sid: str, tokens: list[int], max_new_tokens: int):
-        info, entry = self._session(conn, sid)
+    async def generate(self, conn: Optional[int], sid: Any, key: Any, tokens: list[int], max_new_tokens: int):
+        info, entry = self._session(conn, sid, key)
         if info.mode != "full_djinn":
             raise RequestError("bad_request", f"session {sid} is {info.mode}: use forward, or open a full_djinn session")
         if max_new_tokens < 0:

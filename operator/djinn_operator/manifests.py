@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Optional
 
+from djinn.server.limits import DEFAULT_SHUTDOWN_GRACE_S
 from djinn.server.sizing import sizing_flags
 from djinn.spec import DECODE_MODES, RAY_BASELINES, Baseline, ExperimentSpec
 
@@ -13,7 +14,7 @@ from . import names, raycluster
 
 CONTROL_PORT, DATA_PORT = 5555, 5556
 TOKEN_ENV, TOKEN_KEY = "DJINN_AUTH_TOKEN", "token"  # the server and every client read the bearer token there
-SERVER_GRACE_S = 30  # the server's --shutdown-grace: in-flight requests finish or are answered before exit
+SERVER_GRACE_S = int(DEFAULT_SHUTDOWN_GRACE_S)  # --shutdown-grace: in-flight requests finish or are answered
 GPU = "nvidia.com/gpu"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 RUN_AS = 10001  # the images' djinn user (numeric, so the kubelet can check runAsNonRoot)
@@ -160,6 +161,7 @@ def server_command(spec: ExperimentSpec) -> list[str]:
     return ["python", "-m", "djinn.server.server_main", "--device", "cuda" if gpu else "cpu",
             *(["--gpu", "0"] if gpu else []), "--host", "0.0.0.0", "--port", str(DATA_PORT),
             "--control-port", str(CONTROL_PORT), *sizing_flags(spec), "--max-vram-gb", "80",
+            "--shutdown-grace", str(SERVER_GRACE_S),
             "--model-id", spec.model_id, "--weights", spec.weights, "--dtype", spec.dtype]
 
 

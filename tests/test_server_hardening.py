@@ -1,0 +1,274 @@
+"""Clients the server did not expect, against a real server process on 127.0.0.1: every request gets a
+reply, nobody touches another's session, bad input is refused at the boundary, the server stops cleanly."""
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from djinn.client import ConcurrencyLimitExceeded, DjinnClient, DjinnError, SessionNotFound, Unauthorized
+from djinn.runners.local_server import LocalServer, free_port
+from djinn.server import protocol
+from djinn.server.limits import kv_frame_bytes
+from tests.conftest import TINY_LLAMA, hf_greedy
+
+TOKEN, ADMIN = "client-token", "admin-token"
+PROMPT = list(range(10, 82))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("hard") / "server.log"
+    extra = ["--max-concurrent", "1", "--auth-token", TOKEN, "--admin-token", ADMIN, "--read-timeout", "1",
+             "--idle-timeout", "3", "--max-seq-len", "1024", "--max-vram-gb", "2"]
+    with LocalServer(TINY_LLAMA, weights="synthetic", device="cpu", extra=extra, log_path=str(log)) as s:
+        s.log = log
+        yield s
+
+
+def client(server, **kw) -> DjinnClient:
+    return DjinnClient(server.address, token=TOKEN, **kw).connect()
+
+
+def raw_exchange(address: str, *frames: bytes, timeout: float = 10) -> list[dict]:
+    """Send frames on one connection; every reply header until the server closes it."""
+    host, port = address.split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        for f in frames:
+            s.sendall(f)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    out = []
+    while data:
+        (length,) = struct.unpack(">I", data[5:9])
+        out.append(protocol.decode_payload(data[9:9 + length])[0])
+        data = data[9 + length:]
+    return out
+
+
+def frame(header: bytes, tail: bytes = b"") -> bytes:
+    payload = struct.pack(">I", len(header)) + header + tail
+    return struct.pack(">4sBI", b"DJNN", 1, len(payload)) + payload
+
+
+HELLO = frame(json.dumps({"op": "hello", "token": TOKEN}).encode())
+
+
+def http(server, method: str, path: str, body: bytes = b"", token: str = TOKEN, **headers) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://127.0.0.1:{server.control_port}{path}", data=body or None, method=method,
+                                 headers={**({"Authorization": f"Bearer {token}"} if token else {}), **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as exc:
+        text = exc.read()
+        return exc.code, json.loads(text) if text.startswith(b"{") else {"text": text.decode()}
+
+
+def test_1_every_request_is_answered_and_a_departed_client_frees_its_slot(server, tiny_llama):
+    with client(server) as c:
+        s = c.open_session()
+        assert s.generate(PROMPT, 0) == []
+        assert s.generate([], 5) == hf_greedy(tiny_llama.model, PROMPT, 5)  # it never replied
+    # --max-concurrent 1: a client holding the only slot leaves mid-generate; the next one is served at once
+    gone = client(server)
+    gone.request("hello")
+    sess = gone.open_session()
+    gone._sock.sendall(protocol.encode({"op": "generate", "id": 1, "session_id": sess.id, "session_key": sess.key,
+                                        "max_new_tokens": 900, "tokens": PROMPT}))
+    time.sleep(0.3)
+    gone.close()
+    time.sleep(0.5)
+    with client(server) as c:
+        assert len(c.open_session().generate([1, 2, 3], 2)) == 2
+    assert "client left; request generate cancelled" in server.log.read_text()
+
+
+def test_2_wrong_types_are_refused_at_the_boundary_and_a_neighbour_is_untouched(server, tiny_llama):
+    result = {}
+
+    def neighbour():
+        with client(server) as c:
+            s = c.open_session()
+            for _ in range(50):
+                try:
+                    result["tokens"] = s.generate(PROMPT, 60)
+                    return
+                except ConcurrencyLimitExceeded:
+                    time.sleep(0.05)
+
+    t = threading.Thread(target=neighbour)
+    t.start()
+    with client(server) as c:
+        s = c.open_session()
+        for bad, message in ((["1", True], "^tokens: expected a list of integer token ids"),
+                             ([1, True], "^tokens: expected a list of integer token ids")):
+            for _ in range(5):
+                with pytest.raises(DjinnError, match=message):
+                    c.request("generate", session_id=s.id, session_key=s.key, max_new_tokens=2, tokens=bad)
+        for fields, message in (({"model_id": 5}, "^model_id: expected a model id string"),
+                                ({"model_id": TINY_LLAMA, "weights": 3}, "^weights: expected one of"),
+                                ({"model_id": [TINY_LLAMA]}, "^model_id: expected a model id string")):
+            with pytest.raises(DjinnError, match=message) as err:
+                c.request("load_model", **fields)
+            assert err.value.code == "bad_request"
+        with pytest.raises(DjinnError, match="^return_kv: expected true or false"):
+            c.request("forward", tokens=[1], return_kv="yes")
+    t.join(timeout=60)
+    assert result["tokens"] == hf_greedy(tiny_llama.model, PROMPT, 60)
+
+
+@pytest.mark.parametrize("header, error", [
+    (b"[" * 100000, "nests deeper"),
+    (b'{"op":"generate","tensors":5}', "tensors: expected a list"),
+    (b'{"op":"generate","tensors":[{"name":"tokens","dtype":"int64","shape":[1],"offset":Infinity,"nbytes":8}]}',
+     "Infinity is not JSON"),
+    (b'{"op":"generate","tensors":[{"name":["tokens"],"dtype":"int64","shape":[1],"offset":0,"nbytes":8}]}',
+     "name must be a non-empty string"),
+    (b'{"op":"generate","tensors":[{"name":"tokens","dtype":"int64","shape":[1e30,0],"offset":0,"nbytes":0}]}',
+     "shape: expected an integer"),
+    (b'{"op":"hello","id":NaN}', "NaN is not JSON"),
+])
+def test_3_malformed_descriptors_get_a_protocol_error_reply(server, header, error):
+    replies = raw_exchange(server.address, HELLO, frame(header, bytes(8)))
+    assert replies[0]["ok"] is True
+    assert replies[1]["code"] == "protocol_error" and error in replies[1]["error"]
+    assert "Traceback" not in server.log.read_text()
+
+
+def _start(tmp_path, *extra: str) -> tuple[subprocess.Popen, str, int]:
+    port, control = free_port(), free_port()
+    log = open(tmp_path / f"server-{port}.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "djinn.server.server_main", "--host", "127.0.0.1", "--port",
+                             str(port), "--control-port", str(control), "--model-id", TINY_LLAMA, "--weights",
+                             "synthetic", "--device", "cpu", *extra], stdout=log, stderr=log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{control}/healthz", timeout=2):
+                return proc, f"127.0.0.1:{port}", control
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError("server not healthy")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_4_a_signal_stops_the_server_gracefully_with_clients_connected(tmp_path, sig, tiny_llama):
+    proc, address, _ = _start(tmp_path, "--shutdown-grace", "20")
+    idle = DjinnClient(address).connect()  # a connected client that sends nothing
+    busy = DjinnClient(address).connect()
+    s = busy.open_session()
+    busy._sock.sendall(protocol.encode({"op": "generate", "id": 7, "session_id": s.id, "session_key": s.key,
+                                        "max_new_tokens": 150, "tokens": PROMPT}))
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=25) == 0
+    (length,) = struct.unpack(">I", busy._recv_exact(9)[5:9])
+    header, tensors = protocol.decode_payload(busy._recv_exact(length))
+    assert header["ok"] is True and header["id"] == 7  # finished within the grace, answered
+    assert tensors["tokens"].tolist() == hf_greedy(tiny_llama.model, PROMPT, 150)
+    idle.close()
+    busy.close()
+
+
+def test_4_requests_past_the_grace_are_answered_shutting_down(tmp_path):
+    proc, address, _ = _start(tmp_path, "--shutdown-grace", "0.1", "--max-seq-len", "1024")
+    c = DjinnClient(address).connect()
+    s = c.open_session()
+    c._sock.sendall(protocol.encode({"op": "generate", "id": 8, "session_id": s.id, "session_key": s.key,
+                                     "max_new_tokens": 900, "tokens": PROMPT}))
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    (length,) = struct.unpack(">I", c._recv_exact(9)[5:9])
+    header, _ = protocol.decode_payload(c._recv_exact(length))
+    assert header == {"ok": False, "id": 8, "code": "shutting_down",
+                      "error": "the server stopped before this request finished"}
+    c.close()
+
+
+def test_5_sessions_belong_to_their_opener_and_the_token_guards_both_planes(server):
+    with client(server) as owner, client(server) as other:
+        s = owner.open_session()
+        s.generate([1, 2, 3], 2)
+        for op in ("generate", "park", "close_session"):
+            with pytest.raises(SessionNotFound):  # the id alone is not enough
+                other.request(op, session_id=s.id, max_new_tokens=1, tokens=[4])
+            with pytest.raises(SessionNotFound):
+                other.request(op, session_id=s.id, session_key="guess", max_new_tokens=1, tokens=[4])
+        assert len(s.generate([4], 2)) == 2  # still the owner's, from the same place
+        status, body = http(server, "DELETE", f"/v1/sessions/{s.id}")
+        assert status == 404
+        assert http(server, "GET", "/v1/sessions")[0] == 403
+        status, body = http(server, "GET", "/v1/sessions", token=ADMIN)
+        assert status == 200 and s.id in [x["sessionId"] for x in body["sessions"]]
+        assert s.close() is True
+    with pytest.raises(Unauthorized):
+        DjinnClient(server.address, token="wrong").connect()
+    replies = raw_exchange(server.address, frame(b'{"op":"stats","id":3}'))
+    assert replies == [{"ok": False, "id": 3, "code": "unauthorized",
+                        "error": "token: this server requires its bearer token (send hello with token first)"}]
+    assert http(server, "GET", "/metrics", token="")[0] == 401
+    assert http(server, "GET", "/healthz", token="")[0] == 200  # the kubelet's probe needs none
+
+
+def test_5_a_non_loopback_bind_needs_a_token_or_insecure():
+    base = [sys.executable, "-m", "djinn.server.server_main", "--host", "0.0.0.0", "--device", "cpu",
+            "--port", str(free_port()), "--control-port", "-1"]
+    env = {k: v for k, v in os.environ.items() if k != "DJINN_AUTH_TOKEN"}
+    out = subprocess.run(base, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "djinn-server: --host 0.0.0.0: not loopback; set --auth-token (or DJINN_AUTH_TOKEN) so only your clients are served, "
+        "or pass --insecure on a network you trust")
+
+
+def test_6_clients_load_only_allowed_models_that_fit_and_get_the_default_model(server, tmp_path):
+    config = tmp_path / "evil.json"
+    config.write_text("{}")
+    status, body = http(server, "POST", "/v1/models", json.dumps({"modelId": str(config)}).encode(),
+                        **{"Content-Type": "application/json"})
+    assert status == 403 and body["code"] == "forbidden" and "not loadable on this server" in body["error"]
+    started = time.monotonic()
+    status, body = http(server, "POST", "/v1/models", json.dumps({"modelId": "meta-llama/Llama-2-7b-hf"}).encode())
+    assert status == 507 and body["code"] == "out_of_memory" and "--max-vram-gb 2.0" in body["error"]
+    assert time.monotonic() - started < 30  # refused from the config, not after allocating 13 GB
+    with client(server) as c:
+        assert c.load_model("sshleifer/tiny-gpt2")["model_id"] == "sshleifer/tiny-gpt2"
+        s = c.open_session()  # two models loaded: the server's --model-id serves sessions that name none
+        assert len(s.generate([1, 2, 3], 2)) == 2
+        assert c.stats()["sessions"] >= 1
+        assert TINY_LLAMA in c.hello()["models"]
+
+
+def test_7_limits_are_derived_enforced_and_typed(server, tiny_llama):
+    cfg = tiny_llama.model.config
+    expected = kv_frame_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
+                              cfg.vocab_size, 1024, 4)
+    with client(server) as c:
+        assert c.hello()["max_frame"] == expected  # a semantic_blind KV frame at --max-seq-len
+    too_big = struct.pack(">4sBI", b"DJNN", 1, expected + 1)
+    [reply] = raw_exchange(server.address, HELLO, too_big)[1:]
+    assert reply["code"] == "protocol_error" and f"exceeds the {expected}-byte limit" in reply["error"]
+    # a sender that stalls inside a frame, and a connection that idles, are closed with a reply
+    started = time.monotonic()
+    [reply] = raw_exchange(server.address, HELLO, frame(b'{"op":"hello"}')[:12])[1:]
+    assert "not received within 1 s" in reply["error"] and time.monotonic() - started < 5
+    [reply] = raw_exchange(server.address, HELLO)[1:]
+    assert reply["error"].startswith("idle for 3 s with no request")
+    status, body = http(server, "POST", "/v1/sessions", b"{" + b" " * (1 << 20) + b"}")
+    assert status == 413
+    status, body = http(server, "POST", "/v1/sessions", b'{"modelId": 5}')
+    assert status == 400 and body == {"error": "model_id: expected a model id string, got int", "code": "bad_request"}
+    status, body = http(server, "POST", "/v1/sessions", b'{"mode": NaN}')
+    assert status == 400 and body["error"] == "body: NaN is not JSON (strict JSON has no NaN or Infinity)"
