@@ -32,6 +32,7 @@ RUN apt-get update \
 COPY --from=build /opt/venv /opt/venv
 COPY configs /opt/djinn/configs
 ENV PATH=/opt/venv/bin:$PATH \
+    RAY_AUTH_MODE=disabled \
     DJINN_CONFIG_DIR=/opt/djinn/configs \
     HOME=/home/djinn \
     HF_HOME=/home/djinn/.cache/huggingface \

@@ -16,12 +16,15 @@ FROM ${PYTHON_IMAGE} AS python
 
 FROM ${CUDA_IMAGE} AS base
 # Shared libraries the python image's CPython links against (ssl, ffi, sqlite, bz2, lzma,
-# readline, uuid, expat, zlib), plus wget for KubeRay's probes.
+# readline, uuid, expat, zlib), wget for KubeRay's probes, and a C compiler: Triton compiles its
+# kernel launcher with cc against Python.h (from the python image's /usr/local/include) the first
+# time a kernel runs, which the server does at model load (CUDA graph capture); without it the
+# pod crash-loops.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       ca-certificates libssl3t64 libffi8 libsqlite3-0 libbz2-1.0 liblzma5 libreadline8t64 \
-      libncursesw6 libuuid1 libexpat1 zlib1g tzdata wget \
+      libncursesw6 libuuid1 libexpat1 zlib1g tzdata wget gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=python /usr/local /usr/local
 RUN ldconfig && python3 --version
@@ -51,6 +54,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/home/djinn/.cache/huggingface \
     PYTHONUNBUFFERED=1 \
     RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL=minor \
+    RAY_AUTH_MODE=disabled \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 WORKDIR /home/djinn

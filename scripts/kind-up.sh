@@ -52,8 +52,21 @@ if [[ "${SKIP_BUILD:-0}" != "1" ]]; then
   docker build -t "$IMAGE" -f "$ROOT/Dockerfile" "$ROOT"
   docker build -t "$OPERATOR_IMAGE" -f "$ROOT/images/operator.Dockerfile" "$ROOT"
 fi
+# Docker's containerd image store (its default since Docker 29) makes `kind load docker-image` fail;
+# an image archive loads either way.
+load_image() {
+  if ! kind load docker-image "$1" --name "$CLUSTER"; then
+    echo "kind load docker-image failed for $1; loading it as an archive"
+    local archive
+    archive="$(mktemp "${TMPDIR:-/tmp}/kind-image.XXXXXX.tar")"
+    docker save -o "$archive" "$1"
+    kind load image-archive "$archive" --name "$CLUSTER"
+    rm -f "$archive"
+  fi
+}
 log "load the images into kind"
-kind load docker-image "$IMAGE" "$OPERATOR_IMAGE" --name "$CLUSTER"
+load_image "$IMAGE"
+load_image "$OPERATOR_IMAGE"
 
 log "KubeRay operator $KUBERAY_VERSION"
 helm repo add kuberay https://ray-project.github.io/kuberay-helm/ --force-update >/dev/null

@@ -173,6 +173,36 @@ def test_cuda_base_for_the_server():
     assert any(expand(s.base, df.global_args) == cuda for s in final), "the server image is not built on CUDA"
 
 
+def apt_packages(stage: Stage) -> set[str]:
+    out: set[str] = set()
+    for run in stage.all("RUN"):
+        for part in re.split(r"&&|;", run):
+            words = shlex.split(part)
+            if words[:2] == ["apt-get", "install"]:
+                out |= {w for w in words[2:] if not w.startswith("-")}
+    return out
+
+
+def test_the_gpu_server_image_can_compile_tritons_launcher():
+    """Triton builds its launcher with cc against Python.h at the first kernel (the server's model load):
+    the final image needs a C compiler, libc headers and the headers of the Python it runs."""
+    df = parse(DOCKERFILES["server"])
+    lineage = df.lineage(df.final)
+    packages = set().union(*(apt_packages(s) for s in lineage))
+    assert {"gcc", "libc6-dev"} <= packages, f"no C toolchain in the server image: {sorted(packages)}"
+    python_base = df.global_args["PYTHON_IMAGE"]
+    assert re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+", python_base)  # the official image ships include/
+    copies = [c for s in lineage for c in s.all("COPY")]
+    assert "--from=python /usr/local /usr/local" in copies, "Python.h would be missing: copy all of /usr/local"
+
+
+def test_every_image_with_ray_pins_its_auth_mode():
+    """Ray >= 2.61 turns token auth on by default, which KubeRay < 1.5.1 cannot configure: pinned off."""
+    for key in ("all-in-one", "server", "runner"):
+        env = " ".join(parse(DOCKERFILES[key]).final.all("ENV"))
+        assert "RAY_AUTH_MODE=disabled" in env, key
+
+
 def test_ray_version_is_the_same_in_every_image_that_has_ray():
     versions = {}
     for key, path in DOCKERFILES.items():
