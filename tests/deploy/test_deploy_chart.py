@@ -403,3 +403,13 @@ def test_notes_tell_how_to_fetch_results(helm):
     notes = helm.render(profile_values("kind", example={"enabled": True}))["djinn-bench/templates/NOTES.txt"]
     assert "djinn-bench analyze --input s3://djinn-results/experiments/djinn/agent-scaling-kind" in notes
     assert "port-forward svc/djinn-bench-minio 9000:9000" in notes
+
+
+def test_pull_secrets_reach_every_pod_of_the_chart_and_of_the_example(render):
+    """A private registry: the chart's own pods and every pod the operator creates for the example."""
+    objs = render("kind", example={"enabled": True}, imagePullSecrets=[{"name": "regcred"}])
+    pods = list(pod_specs(objs))
+    assert pods and all(pod.get("imagePullSecrets") == [{"name": "regcred"}] for _, pod in pods), \
+        [o["metadata"]["name"] for o, pod in pods if pod.get("imagePullSecrets") != [{"name": "regcred"}]]
+    assert one(objs, KIND)["spec"]["cluster"]["imagePullSecrets"] == ["regcred"]
+    assert "imagePullSecrets" not in one(render("kind", example={"enabled": True}), KIND)["spec"]["cluster"]
