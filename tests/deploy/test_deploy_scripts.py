@@ -115,3 +115,57 @@ def test_kubernetes_doc_has_the_commands():
                 break
             else:
                 pytest.fail(f"docs/kubernetes.md sets {path}, which values.yaml does not have")
+
+
+def test_push_images_creates_ecr_repositories_logs_in_and_pushes_every_image(tmp_path):
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    tools = {"docker": 'if [[ "$1" == login ]]; then cat > /dev/null; fi',
+             "aws": 'if [[ "$2" == describe-repositories ]]; then exit 254; fi\nif [[ "$2" == get-login-password ]]; then echo pw; fi'}
+    for name, body in tools.items():
+        tool = bin_dir / name
+        tool.write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> "{log}"\n{body}\n')
+        tool.chmod(0o755)
+    registry = "111122223333.dkr.ecr.us-east-1.amazonaws.com/djinn"
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "push-images.sh"), registry], capture_output=True,
+                          text=True, timeout=60, env={"PATH": f"{bin_dir}:/usr/bin:/bin", "TAG": "1.2.3"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = log.read_text().splitlines()
+    created = sorted(c.split("--repository-name ")[1] for c in calls if "create-repository" in c)
+    assert created == ["djinn/djinn-bench", "djinn/djinn-bench-runner", "djinn/djinn-bench-server",
+                       "djinn/djinn-operator"]
+    assert "docker login --username AWS --password-stdin 111122223333.dkr.ecr.us-east-1.amazonaws.com" in calls
+    pushed = [c for c in calls if c.startswith("docker buildx build")]
+    assert len(pushed) == 4 and all("--push" in c and "--platform linux/amd64" in c for c in pushed)
+    assert f"-t {registry}/djinn-bench-server:1.2.3" in pushed[1] and "images/server.Dockerfile" in pushed[1]
+    assert f"--set serverImage.repository={registry}/djinn-bench-server" in proc.stdout
+    bad = subprocess.run(["bash", str(ROOT / "scripts" / "push-images.sh"), registry], capture_output=True, text=True,
+                         timeout=60, env={"PATH": f"{bin_dir}:/usr/bin:/bin", "TAG": "latest"})
+    assert bad.returncode == 1 and "TAG must be a version" in bad.stderr
+
+
+def _commands(markdown: str) -> list[str]:
+    """Shell commands of the fenced bash blocks: continuation lines joined, comments and spacing dropped."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                out.append(" ".join(line.split()))
+    return out
+
+
+def test_readme_kubernetes_commands_are_the_docs_commands():
+    """The README's kind and EKS commands are a subset of docs/kubernetes.md's, word for word, and
+    KubeRay's chart is installed only after its repository is added."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Run on Kubernetes"):]
+    section = section[:section.index("\n## ", 5)]
+    mine, docs = _commands(section), set(_commands(DOC.read_text()))
+    assert mine and "scripts/kind-up.sh" in mine
+    assert [c for c in mine if c not in docs] == []
+    for text in (section, DOC.read_text()):
+        cmds = _commands(text)
+        install = next(i for i, c in enumerate(cmds) if "kuberay/kuberay-operator" in c and c.startswith("helm "))
+        assert any(c.startswith("helm repo add kuberay https://ray-project.github.io/kuberay-helm/")
+                   for c in cmds[:install])
