@@ -413,3 +413,10 @@ def test_pull_secrets_reach_every_pod_of_the_chart_and_of_the_example(render):
         [o["metadata"]["name"] for o, pod in pods if pod.get("imagePullSecrets") != [{"name": "regcred"}]]
     assert one(objs, KIND)["spec"]["cluster"]["imagePullSecrets"] == ["regcred"]
     assert "imagePullSecrets" not in one(render("kind", example={"enabled": True}), KIND)["spec"]["cluster"]
+
+
+def test_weights_sources_reach_the_example(render):
+    cluster = one(render("eks-a100", example={"enabled": True}, experiment={"hfTokenSecret": "hf-token",
+                                                                            "modelClaim": "llama"}), KIND)["spec"]["cluster"]
+    assert cluster["hfTokenSecret"] == "hf-token" and cluster["modelClaim"] == "llama"
+    assert "hfTokenSecret" not in one(render("eks-a100", example={"enabled": True}), KIND)["spec"]["cluster"]
