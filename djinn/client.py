@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
 import socket
 import struct
 from dataclasses import dataclass
@@ -112,7 +113,13 @@ class DjinnClient:
             buf += chunk
         return bytes(buf)
 
+    def _stale(self) -> bool:
+        """Readable while no reply is due: the server closed the connection (its idle timeout)."""
+        return self._sock is not None and bool(select.select([self._sock], [], [], 0)[0])
+
     def _roundtrip(self, frame: bytes) -> tuple[bytes, int]:
+        if self._stale():
+            self.close()  # reconnect (and authenticate) before sending: nothing was lost
         self.connect()
         try:
             self._sock.sendall(frame)

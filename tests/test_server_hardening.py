@@ -272,3 +272,11 @@ def test_7_limits_are_derived_enforced_and_typed(server, tiny_llama):
     assert status == 400 and body == {"error": "model_id: expected a model id string, got int", "code": "bad_request"}
     status, body = http(server, "POST", "/v1/sessions", b'{"mode": NaN}')
     assert status == 400 and body["error"] == "body: NaN is not JSON (strict JSON has no NaN or Infinity)"
+
+
+def test_a_client_reconnects_by_itself_after_the_servers_idle_timeout(server):
+    with client(server) as c:
+        s = c.open_session()
+        s.generate([1, 2, 3], 2)
+        time.sleep(3.5)  # --idle-timeout 3: the server closed the connection (with a reply nobody read)
+        assert len(s.generate([4, 5], 2)) == 2  # reconnected, authenticated, same session by its key

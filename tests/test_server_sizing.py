@@ -33,3 +33,11 @@ def test_operator_and_local_runner_start_the_server_with_the_same_sizes(monkeypa
     monkeypatch.setattr("djinn.runners.local_server.LocalServer", Recorder)
     experiment.Resources(spec, str(tmp_path)).server_address()
     assert started["extra"] == sizing_flags(spec) and _flag(started["extra"], "--max-concurrent") == "600"
+
+
+def test_long_act_phases_keep_sessions_and_connections_alive():
+    """An agent sleeping 30 min between Reason and Reflect must find its session and connection again."""
+    assert sizing_flags(parse_spec({"sleepSeconds": 10})) == ["--max-concurrent", "64"]
+    long = sizing_flags(parse_spec({"sleepSeconds": 1800}))
+    assert _flag(long, "--session-ttl") == "3660" and _flag(long, "--idle-timeout") == "3660"
+    assert _flag(server_command(parse_spec({"sleepSeconds": 1800})), "--session-ttl") == "3660"

@@ -5,9 +5,11 @@ flags from here, so a spec that runs locally is admitted the same way on Kuberne
 """
 from __future__ import annotations
 
+from djinn.server.limits import DEFAULT_IDLE_TIMEOUT_S
 from djinn.spec import ExperimentSpec
 
 MIN_CONCURRENT = 64  # the server's own default: the decode modes and small runs never need more
+SESSION_TTL_S = 600.0  # the server's --session-ttl default
 
 
 def largest_agent_count(spec: ExperimentSpec) -> int:
@@ -21,6 +23,18 @@ def max_concurrent(spec: ExperimentSpec) -> int:
     return max(MIN_CONCURRENT, 2 * largest_agent_count(spec))
 
 
+def idle_allowance_s(spec: ExperimentSpec) -> float:
+    """How long an agent's session and connection may sit idle: its Act phase (sleepSeconds, up to an
+    hour) twice over, plus a minute, and never less than the server's defaults."""
+    return 2 * spec.sleep_seconds + 60
+
+
 def sizing_flags(spec: ExperimentSpec) -> list[str]:
     """The size flags of ``python -m djinn.server.server_main`` for ``spec``."""
-    return ["--max-concurrent", str(max_concurrent(spec))]
+    idle = idle_allowance_s(spec)
+    flags = ["--max-concurrent", str(max_concurrent(spec))]
+    if idle > SESSION_TTL_S:
+        flags += ["--session-ttl", f"{idle:g}"]
+    if idle > DEFAULT_IDLE_TIMEOUT_S:
+        flags += ["--idle-timeout", f"{idle:g}"]
+    return flags
