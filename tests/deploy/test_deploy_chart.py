@@ -420,3 +420,17 @@ def test_weights_sources_reach_the_example(render):
                                                                             "modelClaim": "llama"}), KIND)["spec"]["cluster"]
     assert cluster["hfTokenSecret"] == "hf-token" and cluster["modelClaim"] == "llama"
     assert "hfTokenSecret" not in one(render("eks-a100", example={"enabled": True}), KIND)["spec"]["cluster"]
+
+
+def test_kind_example_fits_a_laptop(render):
+    """Phased placement: at most one GPU-holder pod (server or Ray head) and one client Job run at once;
+    their requests must fit a 4-CPU, 8 GiB laptop with room for the control plane (2 CPU, 4 GiB)."""
+    from djinn.spec import parse_quantity
+
+    for spec in (one(render("kind", example={"enabled": True}), KIND)["spec"],
+                 yaml.safe_load((ROOT / "examples" / "experiment-kind.yaml").read_text())["spec"]):
+        c = parse_spec(spec).cluster
+        assert c.gpu_placement == "phased" and not c.gpu
+        cpu = lambda q: float(q[:-1]) / 1000 if q.endswith("m") else float(q)  # noqa: E731
+        assert cpu(c.server_cpu) + cpu(c.client_cpu) <= 2
+        assert parse_quantity(c.server_memory) + parse_quantity(c.client_memory) <= 4 * 2**30
