@@ -75,3 +75,26 @@ def test_engine_bench_budget(monkeypatch):
     with pytest.raises(Stop):
         engine_bench.run(p.parse_args(["--max-vram-gb", "40"]))
     assert seen["kv_budget_bytes"] is None
+
+
+def test_the_pinned_arena_defaults_to_a_quarter_of_host_memory_up_to_the_device_slots():
+    from djinn.engine.kv_pool import KVPool, auto_host_slots
+
+    gib = 1 << 30
+    assert auto_host_slots(220, gib // 4, 32 * gib) == 128  # 32 GiB of 256 MiB sessions
+    assert auto_host_slots(100, gib // 4, 32 * gib) == 100  # never more than the device holds
+    assert auto_host_slots(100, gib, gib // 2) == 0
+    from djinn.engine.transformer import Shape
+
+    cpu = KVPool(Shape(2, 2, 2, 16, 100, 128), 4, 32, torch.float32, torch.device("cpu"), host_slots=None)
+    assert cpu.host_slots == 0  # pinned memory only pays on a GPU
+
+
+def test_the_free_host_memory_respects_the_containers_cgroup_limit(tmp_path):
+    from djinn.engine.kv_pool import available_host_bytes
+
+    (tmp_path / "memory.max").write_text("1073741824\n")
+    (tmp_path / "memory.current").write_text("268435456\n")
+    assert available_host_bytes(str(tmp_path)) == 805306368  # limit minus usage (this machine has more free)
+    (tmp_path / "memory.max").write_text("max\n")
+    assert available_host_bytes(str(tmp_path)) > 805306368  # no limit: the host's free memory

@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> dict:
                     host_slots=args.host_kv_slots)
     report["engine"] = {"cuda_graphs": engine.decoder.enabled, "triton_attention": engine.net.use_triton,
                         "kv_slots": engine.pool.n_slots, "max_seq_len": engine.pool.max_seq,
+                        "host_kv_slots": engine.pool.host_slots,
                         "kv_pool_gb": engine.pool.nbytes / 1e9}
 
     s = engine.open_session().result()
@@ -215,7 +216,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-vram-gb", type=float, default=70.0)
     p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--no-cuda-graphs", action="store_true")
-    p.add_argument("--host-kv-slots", type=int, default=0, help="parked caches preallocated in pinned memory")
+    p.add_argument("--host-kv-slots", type=int, default=None,
+                   help="parked caches preallocated in pinned memory (default: as the server derives it)")
     p.add_argument("--json", default=None, help="also write the full report here")
 
 

@@ -95,7 +95,7 @@ def _settle(fut: Future, result: Any = None, exc: Optional[BaseException] = None
 class Engine:
     def __init__(self, model, *, max_seq: int = 512, kv_budget_bytes: Optional[int] = None,
                  max_slots: int = 256, prefill_chunk: int = 512, cuda_graphs: bool = True,
-                 host_slots: int = 0):
+                 host_slots: Optional[int] = 0, host_bytes: Optional[int] = None):
         self.model = model
         self.net = PoolTransformer(model)
         p = next(model.parameters())
@@ -103,7 +103,7 @@ class Engine:
         max_seq = min(max_seq, self.net.shape.max_positions)
         per_slot = slot_bytes(self.net.shape, max_seq, self.dtype)
         n_slots = max_slots if kv_budget_bytes is None else min(max_slots, kv_budget_bytes // per_slot - 1)
-        self.pool = KVPool(self.net.shape, int(n_slots), max_seq, self.dtype, self.device, host_slots)
+        self.pool = KVPool(self.net.shape, int(n_slots), max_seq, self.dtype, self.device, host_slots, host_bytes)
         self.decoder = DecodeRunner(self.net, self.pool, cuda_graphs)
         self.prefill_chunk = prefill_chunk
         self.sessions: dict[str, Session] = {}
@@ -162,6 +162,7 @@ class Engine:
         return dict(self.stats, sessions=len(self.sessions), resident_sessions=resident,
                     parked_sessions=len(self.sessions) - resident, kv_slots=self.pool.n_slots,
                     kv_slots_free=len(self.pool.free), kv_pool_bytes=self.pool.nbytes,
+                    host_kv_slots=self.pool.host_slots,
                     max_seq_len=self.pool.max_seq, waiting=len(self._waiting), running=len(self._running))
 
     def shutdown(self) -> None:

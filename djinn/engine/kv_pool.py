@@ -1,11 +1,38 @@
 """A slotted KV pool on the device, with parking of idle sessions' caches in host memory."""
 from __future__ import annotations
 
+import logging
+import os
 from typing import Optional
 
 import torch
 
 from djinn.engine.transformer import Shape
+
+
+HOST_ARENA_FRACTION = 0.25  # of the host's available memory, pinned at start for parked caches by default
+
+
+def available_host_bytes(cgroup: str = "/sys/fs/cgroup") -> int:
+    """Free host memory, capped by this container's cgroup (v2) memory limit when it has one."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+    try:
+        limit = open(f"{cgroup}/memory.max").read().strip()
+        used = int(open(f"{cgroup}/memory.current").read())
+        if limit != "max":
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(0, free)
+
+
+def auto_host_slots(n_slots: int, session_host_bytes: int, arena_bytes: int) -> int:
+    """Parked caches to preallocate: what ``arena_bytes`` holds, at most one per device slot (pinning on
+    demand stalls the engine ~15 ms a park, and a first wave of parks by seconds)."""
+    return max(0, min(n_slots, int(arena_bytes) // max(1, session_host_bytes)))
 
 
 def slot_bytes(shape: Shape, max_seq: int, dtype: torch.dtype) -> int:
@@ -18,7 +45,7 @@ class KVPool:
     batch may write to; copies to/from host run on a side stream."""
 
     def __init__(self, shape: Shape, n_slots: int, max_seq: int, dtype: torch.dtype, device: torch.device,
-                 host_slots: int = 0):
+                 host_slots: Optional[int] = 0, host_bytes: Optional[int] = None):
         if n_slots < 1:
             raise ValueError("the KV pool needs at least one slot; raise --max-vram-gb or lower --max-seq-len")
         dims = (shape.n_layers, n_slots + 1, shape.n_kv_heads, max_seq, shape.head_dim)
@@ -35,6 +62,13 @@ class KVPool:
         self._slot_numel = shape.n_layers * shape.n_kv_heads * max_seq * shape.head_dim
         self._host_blocks: list[torch.Tensor] = []
         self._lent: dict[int, torch.Tensor] = {}  # data_ptr of a saved cache -> its block
+        if host_slots is None:  # auto: pinned memory only pays on a GPU
+            session = 2 * self._slot_numel * torch.empty((), dtype=dtype).element_size()
+            arena = host_bytes if host_bytes is not None else available_host_bytes() * HOST_ARENA_FRACTION
+            host_slots = auto_host_slots(n_slots, session, int(arena)) if self.cuda else 0
+            logging.getLogger("djinn.engine").info("pinned host arena for %d parked sessions (%.1f GiB)",
+                                                   host_slots, host_slots * session / 2**30)
+        self.host_slots = host_slots
         if host_slots:  # one pinned allocation up front, carved into blocks (K and V per session)
             slab = torch.empty(2 * host_slots * self._slot_numel, dtype=dtype, pin_memory=self.cuda)
             self._host_blocks = list(slab.view(2 * host_slots, self._slot_numel).unbind(0))

@@ -27,8 +27,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-seq-len", type=int, default=512, help="tokens one session may hold")
     p.add_argument("--max-slots", type=int, default=256, help="sessions resident on the device at once")
     p.add_argument("--prefill-chunk", type=int, default=2048, help="prefill tokens per engine step")
-    p.add_argument("--host-kv-slots", type=int, default=0,
-                   help="parked sessions' caches to preallocate in pinned host memory (more are allocated on demand)")
+    p.add_argument("--host-kv-slots", type=int, default=None,
+                   help="parked sessions' caches preallocated in one pinned slab at start (more are allocated on "
+                        "demand); default: what --host-kv-gb holds, up to the KV slots, on a GPU (0 on CPU)")
+    p.add_argument("--host-kv-gb", type=float, default=None,
+                   help="host memory for that slab (default: a quarter of the available memory, cgroup limit "
+                        "included)")
     p.add_argument("--session-ttl", type=float, default=600.0, help="seconds an idle session lives")
     p.add_argument("--orphan-ttl", type=float, default=60.0, help="seconds a session of a dropped client lives")
     p.add_argument("--max-frame-mb", type=float, default=None,
@@ -81,6 +85,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     for name in ("shutdown_grace", "read_timeout", "idle_timeout"):
         if not getattr(args, name) > 0:
             raise SystemExit(f"--{name.replace('_', '-')}: must be > 0 seconds")
+    if args.host_kv_gb is not None and not args.host_kv_gb >= 0:
+        raise SystemExit("--host-kv-gb: must be >= 0")
     if args.max_frame_mb is not None and not args.max_frame_mb > 0:
         raise SystemExit("--max-frame-mb: must be > 0")
     for name in ("max_seq_len", "max_slots", "prefill_chunk"):
@@ -88,7 +94,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise SystemExit(f"--{name.replace('_', '-')}: must be >= 1")
     return ServerConfig(device=device, max_concurrent=max_concurrent, max_vram_gb=args.max_vram_gb,
                         max_seq_len=args.max_seq_len, max_slots=args.max_slots, prefill_chunk=args.prefill_chunk,
-                        host_kv_slots=max(0, args.host_kv_slots),
+                        host_kv_slots=None if args.host_kv_slots is None else max(0, args.host_kv_slots),
+                        host_kv_gb=args.host_kv_gb,
                         session_ttl_s=args.session_ttl, orphan_ttl_s=args.orphan_ttl, weights=args.weights,
                         dtype=args.dtype, seed=args.seed, model_id=args.model_id, allow_models=tuple(args.allow_model),
                         max_frame=None if args.max_frame_mb is None else int(args.max_frame_mb * 2**20),

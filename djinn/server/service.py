@@ -43,7 +43,8 @@ class ServerConfig:
     max_seq_len: int = 512
     max_slots: int = 256
     prefill_chunk: int = 2048
-    host_kv_slots: int = 0
+    host_kv_slots: Optional[int] = None     # None: as many as host_kv_gb holds (kv_pool.auto_host_slots)
+    host_kv_gb: Optional[float] = None      # None: a quarter of the available host memory (cgroup-aware)
     session_ttl_s: float = 600.0
     orphan_ttl_s: float = 60.0
     weights: str = "auto"
@@ -145,7 +146,8 @@ class DjinnService:
                 budget = self._kv_budget(loaded.weight_bytes, loaded.device)
                 engine = Engine(loaded.model, max_seq=self.config.max_seq_len, kv_budget_bytes=budget,
                                 max_slots=self.config.max_slots, prefill_chunk=self.config.prefill_chunk,
-                                host_slots=self.config.host_kv_slots)
+                                host_slots=self.config.host_kv_slots,
+                                host_bytes=None if self.config.host_kv_gb is None else int(self.config.host_kv_gb * GiB))
             except (ModelLoadError, OSError, ValueError) as exc:
                 raise RequestError("bad_request", f"model_id: {model_id!r} cannot be loaded: "
                                                   f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from djinn.server.limits import DEFAULT_SHUTDOWN_GRACE_S
 from djinn.server.sizing import sizing_flags
-from djinn.spec import DECODE_MODES, RAY_BASELINES, Baseline, ExperimentSpec
+from djinn.spec import DECODE_MODES, RAY_BASELINES, Baseline, ExperimentSpec, parse_quantity
 
 from . import names, raycluster
 
@@ -156,12 +156,17 @@ def auth_secret(exp: Experiment, token: str) -> dict[str, Any]:
             "metadata": _meta(exp, exp.token_secret, _labels(exp, "server")), "stringData": {TOKEN_KEY: token}}
 
 
+HOST_ARENA_SHARE = 0.25  # of the server pod's memory request, pinned for parked sessions' caches
+
+
 def server_command(spec: ExperimentSpec) -> list[str]:
+    """The pinned arena is sized from the pod's memory request: the node's free memory is not the pod's."""
     gpu = spec.cluster.gpu
+    arena_gb = HOST_ARENA_SHARE * parse_quantity(spec.cluster.server_memory) / 2**30
     return ["python", "-m", "djinn.server.server_main", "--device", "cuda" if gpu else "cpu",
             *(["--gpu", "0"] if gpu else []), "--host", "0.0.0.0", "--port", str(DATA_PORT),
             "--control-port", str(CONTROL_PORT), *sizing_flags(spec), "--max-vram-gb", "80",
-            "--shutdown-grace", str(SERVER_GRACE_S),
+            "--shutdown-grace", str(SERVER_GRACE_S), "--host-kv-gb", f"{arena_gb:g}",
             "--model-id", spec.model_id, "--weights", spec.weights, "--dtype", spec.dtype]
 
 

@@ -48,7 +48,7 @@ def test_server_deployment_runs_the_server_on_the_gpu():
     c = container(dep)
     assert c["command"] == ["python", "-m", "djinn.server.server_main", "--device", "cuda", "--gpu", "0",
                             "--host", "0.0.0.0", "--port", "5556", "--control-port", "5555",
-                            "--max-concurrent", "64", "--max-vram-gb", "80", "--shutdown-grace", "30", "--model-id",
+                            "--max-concurrent", "64", "--max-vram-gb", "80", "--shutdown-grace", "30", "--host-kv-gb", "4", "--model-id",
                             "meta-llama/Llama-2-7b-hf", "--weights", "pretrained", "--dtype", "float16"]
     assert c["image"] == "srv:1" and c["resources"]["limits"] == {"nvidia.com/gpu": 1}
     assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 5555}
