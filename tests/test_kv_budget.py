@@ -43,7 +43,7 @@ def test_server_refuses_a_cap_with_no_room_for_kv():
 
 
 def test_engine_bench_budget(monkeypatch):
-    """bench-engine gives the engine --max-vram-gb less the weights and 4 GiB (on a GPU)."""
+    """bench-engine sizes the KV cache with the server's own budget function (on a GPU)."""
     import djinn.engine.engine as engine_mod
     import djinn.models.loader as loader
     from djinn.bench import engine_bench
@@ -64,13 +64,15 @@ def test_engine_bench_budget(monkeypatch):
     monkeypatch.setattr(loader, "load_model", lambda *a, **k: lm)
     monkeypatch.setattr(engine_mod, "Engine", RecordingEngine)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(total_memory=80 * GiB))
     monkeypatch.setattr(engine_bench, "copy_bandwidth_gbps", lambda dev: 3000.0)
     monkeypatch.setattr(engine_bench, "timed", lambda fn, repeat=3: 1.0)
     p = argparse.ArgumentParser()
     engine_bench.add_arguments(p)
     with pytest.raises(Stop):
         engine_bench.run(p.parse_args(["--max-vram-gb", "40"]))
-    assert seen["kv_budget_bytes"] == 40 * GiB - 13 * GiB - 4 * GiB
+    assert seen["kv_budget_bytes"] == int(40 * GiB - 13 * GiB - (0.05 * 40 * GiB + 1.3 * GiB))
+    assert seen["kv_budget_bytes"] == DjinnService(ServerConfig(max_vram_gb=40))._kv_budget(13 * GiB, lm.device)
     lm.device = torch.device("cpu")  # on a CPU the pool is sized by --max-slots alone
     with pytest.raises(Stop):
         engine_bench.run(p.parse_args(["--max-vram-gb", "40"]))

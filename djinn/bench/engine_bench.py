@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> dict:
     from djinn.models.loader import load_model
     from djinn.runners.common import OBSERVATION, prompt_text
     from djinn.runners.hf_agent import greedy
+    from djinn.server.service import kv_budget_bytes
     from djinn.spec import ExperimentSpec
 
     lm = load_model(args.model_id, args.weights, args.dtype, args.device, quiet=True)
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> dict:
     report["hf_generate_reason_ms"] = hf_reason
     report["hf_generate_per_token_ms"] = (hf_reason - hf_one) / (n_new - 1)
 
-    budget = int(args.max_vram_gb * (1 << 30)) - lm.weight_bytes - (4 << 30) if dev.type == "cuda" else None
+    budget = kv_budget_bytes(args.max_vram_gb, lm.weight_bytes, dev) if dev.type == "cuda" else None
     engine = Engine(lm.model, max_seq=args.max_seq_len, kv_budget_bytes=budget, max_slots=args.max_slots,
                     prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_cuda_graphs,
                     host_slots=args.host_kv_slots)

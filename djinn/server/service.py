@@ -61,6 +61,21 @@ class ServerConfig:
         return {*shipped_model_ids(), *self.allow_models, *([self.model_id] if self.model_id else [])}
 
 
+def kv_budget_bytes(max_vram_gb: float, weight_bytes: int, device: torch.device, used_bytes: int = 0) -> int:
+    """Device bytes left for a model's KV cache: --max-vram-gb (and 92% of the device) less what is
+    loaded, the weights, and a reserve for activations and allocator slack. The one budget every place
+    that builds an engine uses (the server, bench-engine)."""
+    cap = max_vram_gb * GiB
+    if device.type == "cuda":
+        cap = min(cap, torch.cuda.get_device_properties(device).total_memory * 0.92)
+    reserve = min(4 * GiB, 0.05 * cap) + weight_bytes * 0.1
+    budget = int(cap - used_bytes - weight_bytes - reserve)
+    if budget <= 0:
+        raise RequestError("out_of_memory", f"--max-vram-gb {max_vram_gb} leaves no room for the KV cache after "
+                                            f"{weight_bytes / GiB:.2f} GiB of weights; raise it")
+    return budget
+
+
 def same_secret(given: Any, expected: Optional[str]) -> bool:
     return isinstance(given, str) and expected is not None and hmac.compare_digest(given.encode(), expected.encode())
 
@@ -106,16 +121,8 @@ class DjinnService:
         return max([MIN_FRAME, *sizes])
 
     def _kv_budget(self, weight_bytes: int, device: torch.device) -> int:
-        cap = self.config.max_vram_gb * GiB
-        if device.type == "cuda":
-            cap = min(cap, torch.cuda.get_device_properties(device).total_memory * 0.92)
         used = sum(m.loaded.weight_bytes + m.engine.pool.nbytes for m in self.models.values())
-        reserve = min(4 * GiB, 0.05 * cap) + weight_bytes * 0.1  # activations, allocator slack
-        budget = int(cap - used - weight_bytes - reserve)
-        if budget <= 0:
-            raise RequestError("out_of_memory", f"--max-vram-gb {self.config.max_vram_gb} leaves no room for the "
-                                                f"KV cache after {weight_bytes / GiB:.2f} GiB of weights; raise it")
-        return budget
+        return kv_budget_bytes(self.config.max_vram_gb, weight_bytes, device, used)
 
     async def load(self, model_id: Any, weights: Any = None, dtype: Any = None, wire: bool = True) -> ModelEntry:
         """Load ``model_id`` once; later calls (any session, any client) share it. From the wire only an
