@@ -66,6 +66,7 @@ def test_engine_bench_budget(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "fake GPU")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(total_memory=80 * GiB))
     monkeypatch.setattr(engine_bench, "copy_bandwidth_gbps", lambda dev: 3000.0)
+    monkeypatch.setattr(engine_bench, "gemm_tflops", lambda dev, dtype: 700.0)
     monkeypatch.setattr(engine_bench, "timed", lambda fn, repeat=3: 1.0)
     p = argparse.ArgumentParser()
     engine_bench.add_arguments(p)
@@ -100,3 +101,17 @@ def test_the_free_host_memory_respects_the_containers_cgroup_limit(tmp_path):
     assert available_host_bytes(str(tmp_path)) == 805306368  # limit minus usage (this machine has more free)
     (tmp_path / "memory.max").write_text("max\n")
     assert available_host_bytes(str(tmp_path)) > 805306368  # no limit: the host's free memory
+
+
+def test_the_roofline_of_a_phase_is_prefill_flops_plus_decode_bytes():
+    from djinn.bench.roofline import phase_roofline_ms
+
+    rates = dict(params=7e9, weight_bytes=14e9, kv_bytes_per_token=500_000, gemm_tflops=700, bandwidth_gbps=3000)
+    # Reason of 256 agents: 256 x 72 prompt tokens, then 49 steps reading 14 GB and the growing KV
+    prefill_ms = 2 * 7e9 * 256 * 72 / 700e12 * 1e3
+    kv = sum(256 * (72 + j) for j in range(49)) * 500_000
+    decode_ms = (49 * 14e9 + kv) / 3000e9 * 1e3
+    assert abs(phase_roofline_ms(256, 72, 50, 0, **rates) - (prefill_ms + decode_ms)) < 1e-6
+    assert 750 < prefill_ms + decode_ms < 850  # the "roughly 0.8 s at N=256"
+    reflect = phase_roofline_ms(256, 3, 50, 122, **rates)  # Reflect starts after prompt + Reason's tokens
+    assert reflect > phase_roofline_ms(256, 3, 50, 0, **rates)

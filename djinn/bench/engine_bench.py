@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from djinn.bench.roofline import phase_roofline_ms
 from djinn.results import percentile
 
 
@@ -42,6 +43,25 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 2 << 30) -> float:
     del a, b
     torch.cuda.empty_cache()
     return 2 * nbytes / statistics.median(times[3:]) / 1e9
+
+
+def gemm_tflops(device: torch.device, dtype: torch.dtype, size: int = 8192) -> float:
+    """Dense matmul rate at ``dtype`` (median of 10, after warm-up): the prefill side of the roofline."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times = []
+    for _ in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * size ** 3 / statistics.median(times[3:]) / 1e12
 
 
 def timed(fn, repeat: int = 3) -> float:
@@ -122,6 +142,7 @@ def run(args: argparse.Namespace) -> dict:
                     "torch": torch.__version__, "weight_bytes": lm.weight_bytes}
     bw = copy_bandwidth_gbps(dev)
     report["copy_bandwidth_gbps"] = bw
+    report["gemm_tflops"] = gemm_tflops(dev, lm.dtype)
     report["decode_floor_ms"] = lm.weight_bytes / (bw * 1e9) * 1e3 if bw == bw else None
     prompt = lm.tokenizer.encode(prompt_text(ExperimentSpec()))
     obs = lm.tokenizer.encode(OBSERVATION)
@@ -169,11 +190,19 @@ def run(args: argparse.Namespace) -> dict:
     for x in sessions:
         engine.close_session(x.id).result()
 
+    shape = engine.net.shape
+    bound = dict(params=sum(p.numel() for p in lm.model.parameters()), weight_bytes=lm.weight_bytes,
+                 kv_bytes_per_token=2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * lm.dtype.itemsize,
+                 gemm_tflops=report["gemm_tflops"], bandwidth_gbps=bw)
     rows = []
     for n in args.agent_counts:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         row = agents_round(engine, n, prompt, obs, n_new, args.act_seconds)
+        row["reason_roofline_ms"] = phase_roofline_ms(n, len(prompt), n_new, 0, **bound)
+        row["reflect_roofline_ms"] = phase_roofline_ms(n, len(obs), n_new, len(prompt) + n_new, **bound)
+        for phase in ("reason", "reflect"):
+            row[f"{phase}_p99_vs_roofline"] = row[f"{phase}_p99_ms"] / row[f"{phase}_roofline_ms"]
         if torch.cuda.is_available():
             row["gpu_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
             row["gpu_reserved_gb"] = torch.cuda.memory_reserved() / 1e9
@@ -187,7 +216,7 @@ def run(args: argparse.Namespace) -> dict:
 def format_report(r: dict) -> str:
     lines = [f"model {r['model_id']} ({r['weights']} weights, {r['dtype']}) on {r['gpu'] or r['device']}, torch {r['torch']}",
              f"weights {r['weight_bytes'] / 1e9:.2f} GB; copy bandwidth {r['copy_bandwidth_gbps']:.0f} GB/s; "
-             f"decode floor {r['decode_floor_ms'] or float('nan'):.2f} ms/token",
+             f"GEMM {r['gemm_tflops']:.0f} TFLOP/s; decode floor {r['decode_floor_ms'] or float('nan'):.2f} ms/token",
              f"prompt {r['prompt_tokens']} tokens, observation {r['observation_tokens']} tokens",
              f"HF generate batch 1: Reason {r['hf_generate_reason_ms']:.1f} ms, {r['hf_generate_per_token_ms']:.2f} ms/token",
              f"engine {r['engine']}",
@@ -195,12 +224,14 @@ def format_report(r: dict) -> str:
              + (f" = {r['engine_vs_floor']:.2f}x the floor" if r['engine_vs_floor'] else ""),
              f"greedy tokens equal to HF generate: {r['greedy_match']} (token agreement {r['greedy_token_agreement']:.2%}); "
              f"largest teacher-forced logit gap {r['max_logit_gap']:.4f}",
-             "", "| N | Reason p50 | Reason p99 | Reflect p50 | Reflect p99 | Reason tok/s | parks | GPU peak GB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| N | Reason p50 | Reason p99 | roofline | p99/roofline | Reflect p50 | Reflect p99 | roofline | "
+             "p99/roofline | Reason tok/s | parks | GPU peak GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in r["agents"]:
-        lines.append(f"| {a['n']} | {a['reason_p50_ms']:.1f} | {a['reason_p99_ms']:.1f} | {a['reflect_p50_ms']:.1f} | "
-                     f"{a['reflect_p99_ms']:.1f} | {a['reason_tokens_per_s']:.0f} | {a['parks']} | "
-                     f"{a.get('gpu_peak_allocated_gb', float('nan')):.1f} |")
+        lines.append(f"| {a['n']} | {a['reason_p50_ms']:.1f} | {a['reason_p99_ms']:.1f} | {a['reason_roofline_ms']:.1f} | "
+                     f"{a['reason_p99_vs_roofline']:.2f}x | {a['reflect_p50_ms']:.1f} | {a['reflect_p99_ms']:.1f} | "
+                     f"{a['reflect_roofline_ms']:.1f} | {a['reflect_p99_vs_roofline']:.2f}x | "
+                     f"{a['reason_tokens_per_s']:.0f} | {a['parks']} | {a.get('gpu_peak_allocated_gb', float('nan')):.1f} |")
     return "\n".join(lines)
 
 
