@@ -23,10 +23,11 @@ def tiny_llama():
 def djinn_server(tmp_path_factory):
     """A Djinn server process serving the tiny Llama on 127.0.0.1 (CPU)."""
     from djinn.runners.local_server import LocalServer
+    from djinn.server.config import ServerConfig
 
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with LocalServer(TINY_LLAMA, weights="synthetic", device="cpu", log_path=str(log),
-                     extra=["--admin-token", ADMIN_TOKEN]) as server:
+    config = ServerConfig(model_id=TINY_LLAMA, weights="synthetic", device="cpu", admin_token=ADMIN_TOKEN)
+    with LocalServer(config, log_path=str(log)) as server:
         server.log = log
         yield server
 

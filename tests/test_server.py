@@ -12,6 +12,7 @@ import torch
 from djinn.client import ConcurrencyLimitExceeded, DjinnClient, DjinnError, SessionNotFound
 from djinn.runners.decode import REMOTE_MODES
 from djinn.runners.local_server import LocalServer
+from djinn.server.config import ServerConfig
 from tests.conftest import ADMIN_TOKEN, TINY_LLAMA, hf_greedy
 
 PROMPT = list(range(10, 82))
@@ -138,9 +139,9 @@ def test_concurrent_clients_get_correct_tokens(djinn_server, tiny_llama):
 @pytest.fixture(scope="module")
 def strict_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("strict") / "server.log"
-    extra = ["--max-concurrent", "1", "--session-ttl", "2", "--orphan-ttl", "1", "--max-frame-mb", "0.01",
-             "--max-seq-len", "512"]
-    with LocalServer(TINY_LLAMA, weights="synthetic", device="cpu", extra=extra, log_path=str(log)) as server:
+    config = ServerConfig(model_id=TINY_LLAMA, weights="synthetic", device="cpu", max_concurrent=1, session_ttl_s=2,
+                          orphan_ttl_s=1, max_frame=10_485, max_seq_len=512)  # a 10 kB frame limit
+    with LocalServer(config, log_path=str(log)) as server:
         yield server
 
 

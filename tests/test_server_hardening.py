@@ -16,6 +16,7 @@ import pytest
 
 from djinn.client import ConcurrencyLimitExceeded, DjinnClient, DjinnError, SessionNotFound, Unauthorized
 from djinn.runners.local_server import LocalServer, free_port
+from djinn.server.config import ServerConfig
 from djinn.server import protocol
 from djinn.server.limits import kv_frame_bytes
 from tests.conftest import TINY_LLAMA, hf_greedy
@@ -27,9 +28,9 @@ PROMPT = list(range(10, 82))
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("hard") / "server.log"
-    extra = ["--max-concurrent", "1", "--auth-token", TOKEN, "--admin-token", ADMIN, "--read-timeout", "1",
-             "--idle-timeout", "3", "--max-seq-len", "1024", "--max-vram-gb", "2"]
-    with LocalServer(TINY_LLAMA, weights="synthetic", device="cpu", extra=extra, log_path=str(log)) as s:
+    config = ServerConfig(model_id=TINY_LLAMA, weights="synthetic", device="cpu", max_concurrent=1, auth_token=TOKEN,
+                          admin_token=ADMIN, read_timeout_s=1, idle_timeout_s=3, max_seq_len=1024, max_vram_gb=2)
+    with LocalServer(config, log_path=str(log)) as s:
         s.log = log
         yield s
 

@@ -48,13 +48,11 @@ class Resources:
             return self.spec.djinn_server
         if self.server is None:
             from djinn.runners.local_server import LocalServer
-            from djinn.server.sizing import sizing_flags
+            from djinn.server.sizing import server_config
 
             log = os.path.join(self.log_dir, "djinn-server.log")
             say(f"starting Djinn server for {self.spec.model_id} (log: {log})")
-            self.server = LocalServer(self.spec.model_id, self.spec.weights, self.spec.dtype, self.spec.device,
-                                      extra=sizing_flags(self.spec),
-                                      log_path=log).start()
+            self.server = LocalServer(server_config(self.spec), log_path=log).start()
         return self.server.address
 
     def ray(self) -> None:

@@ -1,12 +1,16 @@
 """Start and stop a Djinn server subprocess on free loopback ports (for the sequential runner and tests)."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from typing import Optional
+
+from djinn.server.config import ServerConfig
 
 
 def free_port() -> int:
@@ -16,21 +20,20 @@ def free_port() -> int:
 
 
 class LocalServer:
-    """``python -m djinn.server.server_main`` bound to 127.0.0.1 until ``stop()``."""
+    """``python -m djinn.server.server_main`` with ``config`` (which names the model), bound to
+    127.0.0.1 on free ports until ``stop()``; tokens reach it through the environment."""
 
-    def __init__(self, model_id: str, weights: str = "auto", dtype: str = "auto", device: str = "auto",
-                 extra: Optional[list[str]] = None, log_path: Optional[str] = None):
-        self.port, self.control_port = free_port(), free_port()
+    def __init__(self, config: ServerConfig, log_path: Optional[str] = None):
+        self.config = replace(config, host="127.0.0.1", port=free_port(), control_port=free_port())
+        self.port, self.control_port = self.config.port, self.config.control_port
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.cmd = [sys.executable, "-m", "djinn.server.server_main", "--host", "127.0.0.1",
-                    "--port", str(self.port), "--control-port", str(self.control_port), "--model-id", model_id,
-                    "--weights", weights, "--dtype", dtype, "--device", device, *(extra or [])]
+        self.cmd = [sys.executable, "-m", "djinn.server.server_main", *self.config.to_argv()]
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, timeout: float = 300.0) -> "LocalServer":
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log)
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log, env={**os.environ, **self.config.token_env()})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -18,9 +18,9 @@ import torch
 from aiohttp import web
 
 from djinn.server import protocol
-from djinn.server.limits import (CONTROL_MAX_BODY, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_READ_TIMEOUT_S,
-                                 DEFAULT_SHUTDOWN_GRACE_S)
-from djinn.server.service import DjinnService, RequestError, ServerConfig, same_secret
+from djinn.server.config import ServerConfig
+from djinn.server.limits import CONTROL_MAX_BODY
+from djinn.server.service import DjinnService, RequestError, same_secret
 
 log = logging.getLogger("djinn.server")
 DISCONNECT_POLL_S = 0.2  # how often an in-flight request checks that its client is still there
@@ -309,11 +309,12 @@ def control_app(service: DjinnService, config: ServerConfig, read_timeout: float
     return app
 
 
-async def serve(config: ServerConfig, host: str, port: int, control_port: Optional[int],
-                preload: Optional[dict[str, Any]] = None, ready: Optional[asyncio.Event] = None,
-                stop: Optional[asyncio.Event] = None, grace_s: float = DEFAULT_SHUTDOWN_GRACE_S,
-                read_timeout: float = DEFAULT_READ_TIMEOUT_S, idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S) -> None:
-    """Run both planes until ``stop`` is set or SIGTERM / SIGINT arrives, then stop gracefully."""
+async def serve(config: ServerConfig, ready: Optional[asyncio.Event] = None,
+                stop: Optional[asyncio.Event] = None) -> None:
+    """Run both planes until ``stop`` is set or SIGTERM / SIGINT arrives, then stop gracefully
+    (config.model_id, if any, is loaded first)."""
+    host, port, control_port = config.host, config.port, config.control_port
+    grace_s, read_timeout, idle_timeout = config.shutdown_grace_s, config.read_timeout_s, config.idle_timeout_s
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -338,8 +339,8 @@ async def serve(config: ServerConfig, host: str, port: int, control_port: Option
 
     reap = asyncio.create_task(reaper())
     try:
-        if preload:
-            await service.load(**preload, wire=False)
+        if config.model_id:
+            await service.load(config.model_id, config.weights, config.dtype, wire=False)
         if ready is not None:
             ready.set()
         await stop.wait()

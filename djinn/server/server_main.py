@@ -8,10 +8,8 @@ import logging
 import os
 import sys
 
+from djinn.server.config import ADMIN_TOKEN_ENV, TOKEN_ENV, ServerConfig
 from djinn.server.limits import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_READ_TIMEOUT_S, DEFAULT_SHUTDOWN_GRACE_S
-from djinn.server.service import ServerConfig
-
-TOKEN_ENV, ADMIN_TOKEN_ENV = "DJINN_AUTH_TOKEN", "DJINN_ADMIN_TOKEN"
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -92,13 +90,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     for name in ("max_seq_len", "max_slots", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}: must be >= 1")
-    return ServerConfig(device=device, max_concurrent=max_concurrent, max_vram_gb=args.max_vram_gb,
+    return ServerConfig(device=device, host=args.host, port=args.port,
+                        control_port=None if args.control_port < 0 else args.control_port,
+                        shutdown_grace_s=args.shutdown_grace, read_timeout_s=args.read_timeout,
+                        idle_timeout_s=args.idle_timeout, insecure=args.insecure,
+                        max_concurrent=max_concurrent, max_vram_gb=args.max_vram_gb,
                         max_seq_len=args.max_seq_len, max_slots=args.max_slots, prefill_chunk=args.prefill_chunk,
                         host_kv_slots=None if args.host_kv_slots is None else max(0, args.host_kv_slots),
                         host_kv_gb=args.host_kv_gb,
                         session_ttl_s=args.session_ttl, orphan_ttl_s=args.orphan_ttl, weights=args.weights,
                         dtype=args.dtype, seed=args.seed, model_id=args.model_id, allow_models=tuple(args.allow_model),
-                        max_frame=None if args.max_frame_mb is None else int(args.max_frame_mb * 2**20),
+                        max_frame=None if args.max_frame_mb is None else round(args.max_frame_mb * 2**20),
                         auth_token=token, admin_token=admin)
 
 
@@ -115,11 +117,8 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"djinn-server: {exc.code}", file=sys.stderr)
         return 2
-    preload = {"model_id": args.model_id, "weights": args.weights, "dtype": args.dtype} if args.model_id else None
-    control = None if args.control_port < 0 else args.control_port
     try:
-        asyncio.run(serve(config, args.host, args.port, control, preload, grace_s=args.shutdown_grace,
-                          read_timeout=args.read_timeout, idle_timeout=args.idle_timeout))
+        asyncio.run(serve(config))
     except OSError as exc:
         print(f"djinn-server: cannot listen: {exc}", file=sys.stderr)
         return 2

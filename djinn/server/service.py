@@ -21,6 +21,7 @@ import torch
 from djinn.engine.engine import MODES, Engine, EngineError
 from djinn.models.loader import (LoadedModel, ModelLoadError, estimate_weight_bytes, load_model, resolve_device,
                                  shipped_model_ids)
+from djinn.server.config import ServerConfig
 from djinn.server.limits import MIN_FRAME, kv_frame_bytes
 
 log = logging.getLogger("djinn.server")
@@ -33,32 +34,6 @@ class RequestError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
-
-
-@dataclass
-class ServerConfig:
-    device: str = "auto"
-    max_concurrent: int = 64
-    max_vram_gb: float = 80.0
-    max_seq_len: int = 512
-    max_slots: int = 256
-    prefill_chunk: int = 2048
-    host_kv_slots: Optional[int] = None     # None: as many as host_kv_gb holds (kv_pool.auto_host_slots)
-    host_kv_gb: Optional[float] = None      # None: a quarter of the available host memory (cgroup-aware)
-    session_ttl_s: float = 600.0
-    orphan_ttl_s: float = 60.0
-    weights: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    model_id: Optional[str] = None          # loaded at start; the default model of sessions that name none
-    allow_models: tuple[str, ...] = ()      # loadable from the wire besides model_id and the shipped configs
-    max_frame: Optional[int] = None         # None: derived from the loaded models (limits.kv_frame_bytes)
-    auth_token: Optional[str] = None        # required on both planes when set
-    admin_token: Optional[str] = None       # lists and deletes any session on the control plane
-
-    @property
-    def allowed_models(self) -> set[str]:
-        return {*shipped_model_ids(), *self.allow_models, *([self.model_id] if self.model_id else [])}
 
 
 def kv_budget_bytes(max_vram_gb: float, weight_bytes: int, device: torch.device, used_bytes: int = 0) -> int:
@@ -74,6 +49,11 @@ def kv_budget_bytes(max_vram_gb: float, weight_bytes: int, device: torch.device,
         raise RequestError("out_of_memory", f"--max-vram-gb {max_vram_gb} leaves no room for the KV cache after "
                                             f"{weight_bytes / GiB:.2f} GiB of weights; raise it")
     return budget
+
+
+def allowed_models(config: ServerConfig) -> set[str]:
+    """What clients may load: the server's --model-id, the shipped configs, each --allow-model."""
+    return {*shipped_model_ids(), *config.allow_models, *([config.model_id] if config.model_id else [])}
 
 
 def same_secret(given: Any, expected: Optional[str]) -> bool:
@@ -135,9 +115,9 @@ class DjinnService:
                 raise RequestError("bad_request", f"{name}: expected one of {', '.join(choices)}, got {value!r}"[:200])
         if model_id in self.models:
             return self.models[model_id]
-        if wire and model_id not in self.config.allowed_models:
+        if wire and model_id not in allowed_models(self.config):
             raise RequestError("forbidden", f"model_id: {model_id!r} is not loadable on this server; allowed: "
-                                            f"{', '.join(sorted(self.config.allowed_models))} (operators add ids "
+                                            f"{', '.join(sorted(allowed_models(self.config)))} (operators add ids "
                                             "with --allow-model)"[:400])
         async with self._load_lock:
             if model_id in self.models:

@@ -5,11 +5,12 @@ flags from here, so a spec that runs locally is admitted the same way on Kuberne
 """
 from __future__ import annotations
 
-from djinn.server.limits import DEFAULT_IDLE_TIMEOUT_S
+from dataclasses import replace
+
+from djinn.server.config import ServerConfig
 from djinn.spec import ExperimentSpec
 
 MIN_CONCURRENT = 64  # the server's own default: the decode modes and small runs never need more
-SESSION_TTL_S = 600.0  # the server's --session-ttl default
 
 
 def largest_agent_count(spec: ExperimentSpec) -> int:
@@ -29,12 +30,12 @@ def idle_allowance_s(spec: ExperimentSpec) -> float:
     return 2 * spec.sleep_seconds + 60
 
 
-def sizing_flags(spec: ExperimentSpec) -> list[str]:
-    """The size flags of ``python -m djinn.server.server_main`` for ``spec``."""
+def server_config(spec: ExperimentSpec, **overrides) -> ServerConfig:
+    """The server ``spec`` needs: its model, admission for every agent, sessions and connections that
+    outlive the Act phase. The local runner starts it as is; the operator overrides placement."""
+    base = ServerConfig()
     idle = idle_allowance_s(spec)
-    flags = ["--max-concurrent", str(max_concurrent(spec))]
-    if idle > SESSION_TTL_S:
-        flags += ["--session-ttl", f"{idle:g}"]
-    if idle > DEFAULT_IDLE_TIMEOUT_S:
-        flags += ["--idle-timeout", f"{idle:g}"]
-    return flags
+    config = ServerConfig(model_id=spec.model_id, weights=spec.weights, dtype=spec.dtype, device=spec.device,
+                          seed=spec.seed, max_concurrent=max_concurrent(spec),
+                          session_ttl_s=max(base.session_ttl_s, idle), idle_timeout_s=max(base.idle_timeout_s, idle))
+    return replace(config, **overrides)

@@ -7,7 +7,7 @@ from functools import cached_property
 from typing import Any, Optional
 
 from djinn.server.limits import DEFAULT_SHUTDOWN_GRACE_S
-from djinn.server.sizing import sizing_flags
+from djinn.server.sizing import server_config
 from djinn.spec import DECODE_MODES, RAY_BASELINES, Baseline, ExperimentSpec, parse_quantity
 
 from . import names, raycluster
@@ -15,6 +15,7 @@ from . import names, raycluster
 CONTROL_PORT, DATA_PORT = 5555, 5556
 TOKEN_ENV, TOKEN_KEY = "DJINN_AUTH_TOKEN", "token"  # the server and every client read the bearer token there
 SERVER_GRACE_S = int(DEFAULT_SHUTDOWN_GRACE_S)  # --shutdown-grace: in-flight requests finish or are answered
+HOST_ARENA_SHARE = 0.25  # of the server pod's memory request, pinned for parked sessions' caches
 GPU = "nvidia.com/gpu"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 RUN_AS = 10001  # the images' djinn user (numeric, so the kubelet can check runAsNonRoot)
@@ -156,18 +157,16 @@ def auth_secret(exp: Experiment, token: str) -> dict[str, Any]:
             "metadata": _meta(exp, exp.token_secret, _labels(exp, "server")), "stringData": {TOKEN_KEY: token}}
 
 
-HOST_ARENA_SHARE = 0.25  # of the server pod's memory request, pinned for parked sessions' caches
-
-
 def server_command(spec: ExperimentSpec) -> list[str]:
-    """The pinned arena is sized from the pod's memory request: the node's free memory is not the pod's."""
+    """The experiment's server config, placed in the pod: every interface (a token guards it), the GPU the
+    pod was given, the grace its termination period allows, and a pinned arena sized from the pod's
+    memory request (the node's free memory is not the pod's)."""
     gpu = spec.cluster.gpu
     arena_gb = HOST_ARENA_SHARE * parse_quantity(spec.cluster.server_memory) / 2**30
-    return ["python", "-m", "djinn.server.server_main", "--device", "cuda" if gpu else "cpu",
-            *(["--gpu", "0"] if gpu else []), "--host", "0.0.0.0", "--port", str(DATA_PORT),
-            "--control-port", str(CONTROL_PORT), *sizing_flags(spec), "--max-vram-gb", "80",
-            "--shutdown-grace", str(SERVER_GRACE_S), "--host-kv-gb", f"{arena_gb:g}",
-            "--model-id", spec.model_id, "--weights", spec.weights, "--dtype", spec.dtype]
+    config = server_config(spec, device="cuda:0" if gpu else "cpu", host="0.0.0.0", port=DATA_PORT,
+                           control_port=CONTROL_PORT, max_vram_gb=80.0, shutdown_grace_s=float(SERVER_GRACE_S),
+                           host_kv_gb=arena_gb)
+    return ["python", "-m", "djinn.server.server_main", *config.to_argv()]
 
 
 def server_deployment(exp: Experiment) -> dict[str, Any]:

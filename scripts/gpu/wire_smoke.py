@@ -18,6 +18,7 @@ from djinn.client import DjinnClient
 from djinn.runners.decode import REMOTE_MODES
 from djinn.runners.local_server import LocalServer
 from djinn.server import protocol
+from djinn.server.config import ServerConfig
 
 PROMPT = list(range(1000, 1072))  # 72 tokens, as the experiment's prompt
 
@@ -58,7 +59,7 @@ def main() -> None:
     p.add_argument("--log", default="/tmp/wire-server.log")
     args = p.parse_args()
     report: dict = {"model_id": args.model_id, "server_flags": "defaults (+ --host 127.0.0.1, free ports)"}
-    server = LocalServer(args.model_id, weights="synthetic", device="cuda", log_path=args.log)
+    server = LocalServer(ServerConfig(model_id=args.model_id, weights="synthetic", device="cuda"), log_path=args.log)
     t0 = time.perf_counter()
     server.start(timeout=600)
     report["start_s"] = time.perf_counter() - t0
