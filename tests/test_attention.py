@@ -1,4 +1,4 @@
-"""The Triton pool attention (run by Triton's CPU interpreter here) against the torch reference."""
+"""The paged Triton kernels (run by Triton's CPU interpreter here) against the torch reference and the HF modules."""
 import os
 import subprocess
 import sys
@@ -9,15 +9,17 @@ pytest.importorskip("triton")
 
 SCRIPT = r'''
 import torch
-from djinn.engine.attention import torch_pool_decode_attention, triton_pool_decode_attention
+from djinn.engine.attention import torch_paged_decode_attention, triton_paged_decode_attention
 torch.manual_seed(0)
-for (S, KVH, T, D, H, B) in [(5, 2, 40, 16, 4, 3), (4, 4, 130, 32, 4, 2)]:
-    kp, vp = torch.randn(S, KVH, T, D), torch.randn(S, KVH, T, D)
+for (NB, KVH, BS, D, H, B, T) in [(12, 2, 16, 16, 4, 3, 40), (40, 4, 8, 32, 4, 2, 130)]:
+    kc, vc = torch.randn(NB, KVH, BS, D), torch.randn(NB, KVH, BS, D)
     q = torch.randn(B, H, D)
-    slots = torch.randint(0, S, (B,))
+    per_row = -(-T // BS)
+    tables = torch.stack([torch.randperm(NB)[:per_row] for _ in range(B + 1)]).int()  # scattered blocks
+    rows = torch.randperm(B + 1)[:B]
     lens = torch.randint(1, T + 1, (B,))
-    ref = torch_pool_decode_attention(q, kp, vp, slots, lens, D ** -0.5, T)
-    out = triton_pool_decode_attention(q, kp, vp, slots, lens, D ** -0.5, block=32)
+    ref = torch_paged_decode_attention(q, kc, vc, tables, rows, lens, D ** -0.5, T)
+    out = triton_paged_decode_attention(q, kc, vc, tables, rows, lens, D ** -0.5, tile=32)
     err = ((out - ref).norm() / ref.norm()).item()
     assert err < 1e-5, err
 
@@ -33,27 +35,36 @@ futs = [eng.generate(s.id, p, 8) for s, p in zip(sessions, prompts)]
 assert [f.result().tokens for f in futs] == [greedy(lm.model, p, 8) for p in prompts]
 eng.shutdown()
 
-# the fused fp16 step equals the HF-module step bit for bit, KV writes included
-from djinn.engine.kv_pool import KVPool
-from djinn.engine.transformer import PoolTransformer
+# fp16, scattered blocks: paged prefill equals the HF forward bit for bit; the fused paged decode step
+# equals the HF-module step bit for bit, KV writes included
+from djinn.engine.kv_cache import PagedKVCache
+from djinn.engine.transformer import PagedTransformer
 lm16 = load_model("djinn/tiny-llama", weights="synthetic", dtype="float16", device="cpu", quiet=True)
 ref = greedy(lm16.model, list(range(10, 30)), 5)
-net = PoolTransformer(lm16.model)
-pool = KVPool(net.shape, 4, 64, torch.float16, torch.device("cpu"))
-net.enable_triton(pool.k)
+net = PagedTransformer(lm16.model)
+cache = PagedKVCache(net.shape, 16, 4, 64, 4, torch.float16, torch.device("cpu"))
+net.enable_triton(cache.kv)
 assert net.fused is not None
 assert greedy(lm16.model, list(range(10, 30)), 5) == ref  # HF's forward still works on the fused weight views
-slots = torch.tensor([0, 2])
-net.prefill(pool.k, pool.v, slots, torch.tensor([[5] * 10, [7] * 10]), torch.tensor([0, 3]))
-k0, v0 = pool.k.clone(), pool.v.clone()
-pos, tok = torch.tensor([10, 13]), torch.tensor([11, 12])
-fused = net.decode(pool.k, pool.v, slots, tok, pos, span=14)
-k_fused = pool.k.clone()
-pool.k.copy_(k0)
-pool.v.copy_(v0)
+cache.set_rows([0, 2], [[9, 3, 12, 5], [1, 14, 7, 0]])
+rows = torch.tensor([0, 2])
+prompt = torch.tensor([[5, 9, 2, 8, 1, 3, 3, 7, 4, 6], [7, 1, 1, 4, 2, 9, 8, 5, 3, 2]])
+logits = net.prefill(cache.kv, cache.tables, rows, prompt, torch.tensor([0, 0]), 10)
+with torch.inference_mode():
+    hf = lm16.model(prompt).logits[:, -1]
+assert torch.equal(logits, hf), (logits - hf).abs().max()
+more = net.prefill(cache.kv, cache.tables, rows, torch.tensor([[11, 12, 13], [14, 15, 16]]), torch.tensor([10, 10]), 13)
+with torch.inference_mode():
+    hf = lm16.model(torch.cat([prompt, torch.tensor([[11, 12, 13], [14, 15, 16]])], 1)).logits[:, -1]
+assert (more - hf).abs().max() < 2e-2  # a cached prefix: same math, another reduction order
+kv0 = cache.kv.clone()
+pos, tok = torch.tensor([13, 13]), torch.tensor([11, 12])
+fused = net.decode(cache.kv, cache.tables, rows, tok, pos, span=14)
+kv_fused = cache.kv.clone()
+cache.kv.copy_(kv0)
 net.fused = None
-plain = net.decode(pool.k, pool.v, slots, tok, pos, span=14)
-assert torch.equal(fused, plain) and torch.equal(k_fused, pool.k)
+plain = net.decode(cache.kv, cache.tables, rows, tok, pos, span=14)
+assert torch.equal(fused, plain) and torch.equal(kv_fused, cache.kv)
 print("OK")
 '''
 

@@ -1,68 +1,73 @@
-"""The KV budget: what is left of --max-vram-gb for the KV pool, in the server and the engine bench."""
+"""The KV budget: what is left of --max-vram-gb for the KV cache, in the server and the engine bench."""
 import argparse
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from djinn.server.service import DjinnService, RequestError, ServerConfig
+from djinn.server.service import DjinnService, RequestError, ServerConfig, build_engine, kv_budget_bytes
 
 GiB = 1 << 30
 
 
 def _entry(weight_bytes, pool_bytes):
     return SimpleNamespace(loaded=SimpleNamespace(weight_bytes=weight_bytes),
-                           engine=SimpleNamespace(pool=SimpleNamespace(nbytes=pool_bytes)))
+                           engine=SimpleNamespace(cache=SimpleNamespace(nbytes=pool_bytes)))
+
+
+def budget(service, weight_bytes, device):
+    """What the server leaves a new model's KV cache (as its load does)."""
+    return kv_budget_bytes(service.config.max_vram_gb, weight_bytes, device, service._used_bytes())
 
 
 def test_server_budget_is_the_cap_less_weights_and_a_reserve():
     service = DjinnService(ServerConfig(max_vram_gb=10))
     # reserve: min(4 GiB, 5% of the cap) for activations + 10% of the weights for allocator slack
-    assert service._kv_budget(1 * GiB, torch.device("cpu")) == int(10 * GiB - 1 * GiB - (0.5 * GiB + 0.1 * GiB))
+    assert budget(service, 1 * GiB, torch.device("cpu")) == int(10 * GiB - 1 * GiB - (0.5 * GiB + 0.1 * GiB))
     big = DjinnService(ServerConfig(max_vram_gb=200))
-    assert big._kv_budget(1 * GiB, torch.device("cpu")) == int(200 * GiB - 1 * GiB - (4 * GiB + 0.1 * GiB))
+    assert budget(big, 1 * GiB, torch.device("cpu")) == int(200 * GiB - 1 * GiB - (4 * GiB + 0.1 * GiB))
 
 
 def test_server_budget_leaves_what_other_models_hold():
     service = DjinnService(ServerConfig(max_vram_gb=10))
     service.models["other"] = _entry(2 * GiB, 3 * GiB)
-    assert service._kv_budget(1 * GiB, torch.device("cpu")) == int(10 * GiB - 5 * GiB - 1 * GiB - 0.6 * GiB)
+    assert budget(service, 1 * GiB, torch.device("cpu")) == int(10 * GiB - 5 * GiB - 1 * GiB - 0.6 * GiB)
 
 
 def test_server_budget_never_exceeds_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=8 * GiB))
     service = DjinnService(ServerConfig(max_vram_gb=80))  # more than the 8 GiB device has
     cap = 8 * GiB * 0.92
-    assert service._kv_budget(1 * GiB, torch.device("cuda", 0)) == int(cap - 1 * GiB - (0.05 * cap + 0.1 * GiB))
+    assert budget(service, 1 * GiB, torch.device("cuda", 0)) == int(cap - 1 * GiB - (0.05 * cap + 0.1 * GiB))
 
 
 def test_server_refuses_a_cap_with_no_room_for_kv():
     with pytest.raises(RequestError, match=r"--max-vram-gb 1 leaves no room .* raise it") as err:
-        DjinnService(ServerConfig(max_vram_gb=1))._kv_budget(1 * GiB, torch.device("cpu"))
+        kv_budget_bytes(ServerConfig(max_vram_gb=1).max_vram_gb, 1 * GiB, torch.device("cpu"))
     assert err.value.code == "out_of_memory"
 
 
-def test_engine_bench_budget(monkeypatch):
-    """bench-engine sizes the KV cache with the server's own budget function (on a GPU)."""
-    import djinn.engine.engine as engine_mod
+def test_engine_bench_builds_the_servers_engine(monkeypatch):
+    """bench-engine builds its engine as the server does (build_engine: one budget, the same flags and defaults)."""
     import djinn.models.loader as loader
+    import djinn.server.service as service
     from djinn.bench import engine_bench
     from djinn.models.tokenizer import HashTokenizer
 
-    seen = {}
+    seen = []
 
     class Stop(Exception):
         pass
 
     class RecordingEngine:
         def __init__(self, model, **kw):
-            seen.update(kw)
+            seen.append(kw)
             raise Stop
 
     lm = SimpleNamespace(device=torch.device("cuda", 0), weights="synthetic", dtype=torch.float16,
                          weight_bytes=13 * GiB, model=None, tokenizer=HashTokenizer(32000))
     monkeypatch.setattr(loader, "load_model", lambda *a, **k: lm)
-    monkeypatch.setattr(engine_mod, "Engine", RecordingEngine)
+    monkeypatch.setattr(service, "Engine", RecordingEngine)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "fake GPU")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(total_memory=80 * GiB))
     monkeypatch.setattr(engine_bench, "copy_bandwidth_gbps", lambda dev: 3000.0)
@@ -70,31 +75,31 @@ def test_engine_bench_budget(monkeypatch):
     monkeypatch.setattr(engine_bench, "timed", lambda fn, repeat=3: 1.0)
     p = argparse.ArgumentParser()
     engine_bench.add_arguments(p)
-    with pytest.raises(Stop):
-        engine_bench.run(p.parse_args(["--max-vram-gb", "40"]))
-    assert seen["kv_budget_bytes"] == int(40 * GiB - 13 * GiB - (0.05 * 40 * GiB + 1.3 * GiB))
-    assert seen["kv_budget_bytes"] == DjinnService(ServerConfig(max_vram_gb=40))._kv_budget(13 * GiB, lm.device)
-    lm.device = torch.device("cpu")  # on a CPU the pool is sized by --max-slots alone
-    with pytest.raises(Stop):
-        engine_bench.run(p.parse_args(["--max-vram-gb", "40"]))
-    assert seen["kv_budget_bytes"] is None
+    for argv, config in (([], ServerConfig()), (["--max-vram-gb", "40", "--kv-block-size", "32"],
+                                                ServerConfig(max_vram_gb=40, kv_block_size=32))):
+        with pytest.raises(Stop):
+            engine_bench.run(p.parse_args(argv))
+        with pytest.raises(Stop):
+            build_engine(config, lm)
+        assert seen[-2] == seen[-1]
+    assert seen[-1]["kv_budget_bytes"] == int(40 * GiB - 13 * GiB - (0.05 * 40 * GiB + 1.3 * GiB))
+    assert seen[-1]["block_size"] == 32 and seen[0]["max_seq"] == 512 and seen[0]["max_slots"] == 1024
 
 
-def test_the_pinned_arena_defaults_to_a_quarter_of_host_memory_up_to_the_device_slots():
-    from djinn.engine.kv_pool import KVPool, auto_host_slots
-
-    gib = 1 << 30
-    assert auto_host_slots(220, gib // 4, 32 * gib) == 128  # 32 GiB of 256 MiB sessions
-    assert auto_host_slots(100, gib // 4, 32 * gib) == 100  # never more than the device holds
-    assert auto_host_slots(100, gib, gib // 2) == 0
+def test_the_pinned_arena_defaults_to_a_quarter_of_host_memory_up_to_the_device_blocks():
+    from djinn.engine.kv_cache import PagedKVCache, auto_host_blocks
     from djinn.engine.transformer import Shape
 
-    cpu = KVPool(Shape(2, 2, 2, 16, 100, 128), 4, 32, torch.float32, torch.device("cpu"), host_slots=None)
-    assert cpu.host_slots == 0  # pinned memory only pays on a GPU
+    mib = 1 << 20
+    assert auto_host_blocks(7000, 8 * mib, 32 * GiB) == 4096  # 32 GiB of 8 MiB blocks
+    assert auto_host_blocks(100, 8 * mib, 32 * GiB) == 100  # never more than the device holds
+    assert auto_host_blocks(100, GiB, GiB // 2) == 0
+    cpu = PagedKVCache(Shape(2, 2, 2, 16, 100, 128), 4, 16, 32, 4, torch.float32, torch.device("cpu"), host_blocks=None)
+    assert cpu.host_blocks == 0  # pinned memory only pays on a GPU
 
 
 def test_the_free_host_memory_respects_the_containers_cgroup_limit(tmp_path):
-    from djinn.engine.kv_pool import available_host_bytes
+    from djinn.engine.kv_cache import available_host_bytes
 
     (tmp_path / "memory.max").write_text("1073741824\n")
     (tmp_path / "memory.current").write_text("268435456\n")

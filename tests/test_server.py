@@ -1,5 +1,6 @@
 """A real Djinn server process on 127.0.0.1 (tiny Llama, CPU) driven through djinn.client."""
 import json
+import re
 import socket
 import struct
 import threading
@@ -71,7 +72,7 @@ def test_control_plane_health_metrics_and_sessions(djinn_server):
                                                        headers={"X-Session-Key": opened["sessionKey"]})) as r:
         assert json.load(r)["closed"] is True
     text = djinn_server.metrics()
-    assert "djinn_requests_total" in text and f'djinn_engine_kv_slots{{model="{TINY_LLAMA}"}}' in text
+    assert "djinn_requests_total" in text and f'djinn_engine_kv_blocks{{model="{TINY_LLAMA}"}}' in text
 
 
 def _raw(address, data: bytes) -> bytes:
@@ -207,4 +208,5 @@ def test_dropped_client_is_parked_then_expired(strict_server):
         time.sleep(0.3)
     m = strict_server.metrics()
     assert "djinn_sessions 0" in m and "djinn_sessions_expired_total" in m
-    assert f'djinn_engine_kv_slots_free{{model="{TINY_LLAMA}"}} 256' in m  # nothing left on the device
+    blocks = re.search(rf'djinn_engine_kv_blocks{{model="{TINY_LLAMA}"}} (\d+)', m).group(1)
+    assert f'djinn_engine_kv_blocks_free{{model="{TINY_LLAMA}"}} {blocks}' in m  # nothing left on the device

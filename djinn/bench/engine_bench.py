@@ -18,6 +18,7 @@ import time
 import torch
 
 from djinn.bench.roofline import phase_roofline_ms
+from djinn.server.server_main import add_engine_arguments, engine_config_errors
 from djinn.results import percentile
 
 
@@ -128,11 +129,11 @@ def agents_round(engine, n: int, prompt: list[int], observation: list[int], new_
 
 
 def run(args: argparse.Namespace) -> dict:
-    from djinn.engine.engine import Engine
     from djinn.models.loader import load_model
     from djinn.runners.common import OBSERVATION, prompt_text
     from djinn.runners.hf_agent import greedy
-    from djinn.server.service import kv_budget_bytes
+    from djinn.server.config import ServerConfig
+    from djinn.server.service import build_engine
     from djinn.spec import ExperimentSpec
 
     lm = load_model(args.model_id, args.weights, args.dtype, args.device, quiet=True)
@@ -154,14 +155,14 @@ def run(args: argparse.Namespace) -> dict:
     report["hf_generate_reason_ms"] = hf_reason
     report["hf_generate_per_token_ms"] = (hf_reason - hf_one) / (n_new - 1)
 
-    budget = kv_budget_bytes(args.max_vram_gb, lm.weight_bytes, dev) if dev.type == "cuda" else None
-    engine = Engine(lm.model, max_seq=args.max_seq_len, kv_budget_bytes=budget, max_slots=args.max_slots,
-                    prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_cuda_graphs,
-                    host_slots=args.host_kv_slots)
-    report["engine"] = {"cuda_graphs": engine.decoder.enabled, "triton_attention": engine.net.use_triton,
-                        "kv_slots": engine.pool.n_slots, "max_seq_len": engine.pool.max_seq,
-                        "host_kv_slots": engine.pool.host_slots,
-                        "kv_pool_gb": engine.pool.nbytes / 1e9}
+    config = ServerConfig(max_vram_gb=args.max_vram_gb, max_seq_len=args.max_seq_len, max_slots=args.max_slots,
+                          prefill_chunk=args.prefill_chunk, max_step_ms=args.max_step_ms,
+                          kv_block_size=args.kv_block_size, host_kv_gb=args.host_kv_gb)
+    engine = build_engine(config, lm)
+    cache = engine.cache
+    report["engine"] = {"cuda_graphs": engine.runner.graphed, "triton_attention": engine.net.use_triton,
+                        "kv_blocks": cache.n_blocks, "kv_block_tokens": cache.block_size, "max_seq_len": engine.max_seq,
+                        "host_kv_blocks": cache.host_blocks, "kv_cache_gb": cache.nbytes / 1e9}
 
     s = engine.open_session().result()
 
@@ -243,17 +244,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=50)
     p.add_argument("--agent-counts", type=int, nargs="+", default=[1, 8, 32, 128, 256])
     p.add_argument("--act-seconds", type=float, default=10.0)
-    p.add_argument("--max-seq-len", type=int, default=256)
-    p.add_argument("--max-slots", type=int, default=256)
-    p.add_argument("--max-vram-gb", type=float, default=70.0)
-    p.add_argument("--prefill-chunk", type=int, default=2048)
-    p.add_argument("--no-cuda-graphs", action="store_true")
-    p.add_argument("--host-kv-slots", type=int, default=None,
-                   help="parked caches preallocated in pinned memory (default: as the server derives it)")
+    add_engine_arguments(p)  # the server's engine flags and defaults
     p.add_argument("--json", default=None, help="also write the full report here")
 
 
 def main(args: argparse.Namespace) -> int:
+    for error in engine_config_errors(args):
+        raise SystemExit(error)
     report = run(args)
     print(format_report(report))
     if args.json:

@@ -1,11 +1,11 @@
-"""Decode attention straight from the slotted KV pool.
+"""Decode attention straight from the paged KV cache.
 
-``pool_decode_attention(q, k_pool, v_pool, slots, lengths)``: for every batch row b,
-query ``q[b]`` ([heads, head_dim]) attends to positions ``0..lengths[b]-1`` of slot
-``slots[b]`` in ``k_pool``/``v_pool`` ([slots, kv_heads, max_seq, head_dim]), with
-grouped-query heads. The Triton kernel reads each session's cache in place (no
-gather copy) and has static shapes, so the decode step can be a CUDA graph. The
-torch version is the reference and the CPU path.
+``paged_decode_attention(q, k_cache, v_cache, tables, rows, lengths)``: for every batch row b, query
+``q[b]`` ([heads, head_dim]) attends to positions ``0..lengths[b]-1`` of the request whose block table
+is ``tables[rows[b]]``; position t lives in block ``tables[rows[b], t // block_size]`` at offset
+``t % block_size`` of ``k_cache``/``v_cache`` ([blocks, kv_heads, block_size, head_dim], any strides),
+with grouped-query heads. The Triton kernel reads the blocks in place (no gather copy) with static
+shapes, so the decode step can be a CUDA graph. The torch version is the reference and the CPU path.
 """
 from __future__ import annotations
 
@@ -27,12 +27,19 @@ except ImportError:  # CPU-only installs: the torch path serves
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def gather_positions(cache: torch.Tensor, tables: torch.Tensor, rows: torch.Tensor, span: int) -> torch.Tensor:
+    """Positions ``0..span-1`` of each row's request, [B, kv_heads, span, head_dim] (a copy)."""
+    bs = cache.shape[2]
+    t = torch.arange(span, device=cache.device)
+    blocks = tables[rows][:, t // bs].long()  # [B, span]
+    return cache[blocks, :, t % bs].transpose(1, 2)
+
+
 @sdpa_kernel(SDPA_BACKENDS)
-def torch_pool_decode_attention(q, k_pool, v_pool, slots, lengths, scale: float, span: int):
-    """Reference: gather the first ``span`` positions of each row's slot, mask past its length."""
+def torch_paged_decode_attention(q, k_cache, v_cache, tables, rows, lengths, scale: float, span: int):
+    """Reference: gather the first ``span`` positions of each row, mask past its length."""
     B = q.shape[0]
-    kk = k_pool[:, :, :span][slots]  # [B, KVH, span, D]
-    vv = v_pool[:, :, :span][slots]
+    kk, vv = gather_positions(k_cache, tables, rows, span), gather_positions(v_cache, tables, rows, span)
     mask = (torch.arange(span, device=q.device)[None, :] < lengths[:, None]).view(B, 1, 1, span)
     o = F.scaled_dot_product_attention(q.unsqueeze(2), kk, vv, attn_mask=mask, scale=scale,
                                        enable_gqa=kk.shape[1] != q.shape[1])
@@ -42,24 +49,24 @@ def torch_pool_decode_attention(q, k_pool, v_pool, slots, lengths, scale: float,
 if triton is not None:
 
     @triton.jit
-    def _decode_kernel(Q, K, V, O, SLOTS, LENS, scale,
-                       sq_b, sq_h, sk_s, sk_h, sk_t, so_b, so_h,
-                       GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    def _paged_decode_kernel(Q, K, V, O, TABLES, ROWS, LENS, scale,
+                             sq_b, sq_h, sk_b, sk_h, sk_t, st_r, so_b, so_h,
+                             GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TILE: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
-        slot = tl.load(SLOTS + b).to(tl.int64)
+        row = tl.load(ROWS + b).to(tl.int64)
         length = tl.load(LENS + b)
         kvh = h // GROUP
         d = tl.arange(0, D)
         q = tl.load(Q + b * sq_b + h * sq_h + d).to(tl.float32) * scale
-        base = slot * sk_s + kvh * sk_h
         m = tl.full([1], float("-inf"), tl.float32)
         denom = tl.zeros([1], tl.float32)
         acc = tl.zeros([D], tl.float32)
-        for start in range(0, length, BLOCK):
-            t = start + tl.arange(0, BLOCK)
+        for start in range(0, length, TILE):
+            t = start + tl.arange(0, TILE)
             valid = t < length
-            offs = base + t[:, None] * sk_t + d[None, :]
+            blk = tl.load(TABLES + row * st_r + t // BS, mask=valid, other=0).to(tl.int64)
+            offs = blk[:, None] * sk_b + kvh * sk_h + (t % BS)[:, None] * sk_t + d[None, :]
             k = tl.load(K + offs, mask=valid[:, None], other=0.0).to(tl.float32)
             s = tl.sum(k * q[None, :], axis=1)
             s = tl.where(valid, s, float("-inf"))
@@ -73,14 +80,15 @@ if triton is not None:
         tl.store(O + b * so_b + h * so_h + d, (acc / denom).to(O.dtype.element_ty))
 
 
-def triton_pool_decode_attention(q, k_pool, v_pool, slots, lengths, scale: float, block: int = 64):
-    """q [B, H, D], pools [S, KVH, T, D] (contiguous), slots/lengths [B] -> [B, H*D]."""
+def triton_paged_decode_attention(q, k_cache, v_cache, tables, rows, lengths, scale: float, tile: int = 64):
+    """q [B, H, D], caches [blocks, KVH, BS, D] (same strides), tables [R, max_blocks], rows/lengths [B] -> [B, H*D]."""
     B, H, D = q.shape
-    group = H // k_pool.shape[1]
+    group = H // k_cache.shape[1]
     out = torch.empty_like(q)
-    _decode_kernel[(B, H)](q, k_pool, v_pool, out, slots, lengths, scale,
-                           q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-                           out.stride(0), out.stride(1), GROUP=group, D=D, BLOCK=block)
+    _paged_decode_kernel[(B, H)](q, k_cache, v_cache, out, tables, rows, lengths, scale,
+                                 q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                                 tables.stride(0), out.stride(0), out.stride(1),
+                                 GROUP=group, D=D, BS=k_cache.shape[2], TILE=tile)
     return out.view(B, H * D)
 
 

@@ -1,11 +1,11 @@
 """The Djinn engine: one model, many sessions, continuous batching in one thread.
 
-Every loop iteration (1) takes new work, (2) gives waiting requests a KV slot,
-restoring parked caches on a side stream, (3) runs ONE batched decode step for
-all generating requests, and (4) prefills up to ``prefill_chunk`` tokens of
-newly admitted requests, so long prompts never stall running decodes.
-Sessions own their slot between calls; an idle session is parked to host memory
-only when another request needs its slot (least recently used first).
+Every loop iteration (1) takes new work, (2) lets the scheduler admit what fits (parking idle
+sessions' blocks to host memory for room, restoring a parked session's blocks when its next request
+comes; both copies run on a side stream and only that request waits for them), (3) runs ONE batched
+decode step for every generating request, and (4) prefills a chunk of newly admitted prompts sized so
+the decode step stays within ``max_step_ms``. Decisions live in :mod:`djinn.engine.scheduler` (pure),
+device work in :mod:`djinn.engine.model_runner` and :mod:`djinn.engine.kv_cache`.
 """
 from __future__ import annotations
 
@@ -15,60 +15,24 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
-from djinn.engine.decode_runner import DecodeRunner
-from djinn.engine.kv_pool import KVPool, slot_bytes
-from djinn.engine.transformer import PoolTransformer
+from djinn.engine.kv_cache import PagedKVCache, block_bytes
+from djinn.engine.model_runner import ModelRunner
+from djinn.engine.scheduler import Plan, Request, Scheduler, Session, blocks_for, prefill_budget
+from djinn.engine.transformer import PagedTransformer
 
 log = logging.getLogger("djinn.engine")
 
 MODES = ("full_djinn", "partially_aware", "semantic_blind")
+EMA = 0.2  # weight of the newest step in the measured step costs
 
 
 class EngineError(RuntimeError):
     """A request the engine cannot serve (bad session, too long); the server replies with it."""
-
-
-@dataclass
-class Session:
-    id: str
-    mode: str = "full_djinn"
-    history: list[int] = field(default_factory=list)
-    kv_len: int = 0
-    slot: Optional[int] = None
-    host_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-    busy: bool = False
-    last_used: float = field(default_factory=time.monotonic)
-    temporary: bool = False
-
-    @property
-    def resident(self) -> bool:
-        return self.slot is not None
-
-
-@dataclass
-class Request:
-    session: Session
-    pending: list[int]
-    max_new_tokens: int
-    future: Future
-    past_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-    return_kv: bool = False
-    out: list[int] = field(default_factory=list)
-    logits: Optional[torch.Tensor] = None
-    submitted: float = field(default_factory=time.perf_counter)
-    admitted: Optional[float] = None
-    base_len: int = 0          # the session's history before this request: restored if it fails
-    start: tuple[int, int] = (0, 0)  # (history length, kv_len) once queued: where a retry starts over
-    suspect: bool = False      # was in a step that failed: runs alone until it succeeds or fails alone
-
-    @property
-    def decoding(self) -> bool:
-        return not self.pending and self.max_new_tokens > len(self.out) > 0
 
 
 @dataclass
@@ -94,32 +58,44 @@ def _settle(fut: Future, result: Any = None, exc: Optional[BaseException] = None
 
 class Engine:
     def __init__(self, model, *, max_seq: int = 512, kv_budget_bytes: Optional[int] = None,
-                 max_slots: int = 256, prefill_chunk: int = 512, cuda_graphs: bool = True,
-                 host_slots: Optional[int] = 0, host_bytes: Optional[int] = None):
+                 max_slots: int = 1024, prefill_chunk: int = 2048, max_step_ms: float = 100.0,
+                 block_size: int = 16, cuda_graphs: bool = True, host_blocks: Optional[int] = 0,
+                 host_bytes: Optional[int] = None):
+        """``max_slots``: requests running at once (the decode batch); ``max_seq``: a session's token cap;
+        the KV cache takes ``kv_budget_bytes`` in blocks of ``block_size`` tokens (at most ``max_slots``
+        full-length sessions' worth); ``host_blocks`` pinned host blocks for parking (None: from ``host_bytes``,
+        else a quarter of the free host memory, on a GPU)."""
         self.model = model
-        self.net = PoolTransformer(model)
+        self.net = PagedTransformer(model)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         max_seq = min(max_seq, self.net.shape.max_positions)
-        per_slot = slot_bytes(self.net.shape, max_seq, self.dtype)
-        n_slots = max_slots if kv_budget_bytes is None else min(max_slots, kv_budget_bytes // per_slot - 1)
-        self.pool = KVPool(self.net.shape, int(n_slots), max_seq, self.dtype, self.device, host_slots, host_bytes)
-        self.decoder = DecodeRunner(self.net, self.pool, cuda_graphs)
-        self.prefill_chunk = prefill_chunk
+        n_blocks = max_slots * blocks_for(max_seq, block_size)
+        if kv_budget_bytes is not None:
+            n_blocks = min(n_blocks, kv_budget_bytes // block_bytes(self.net.shape, block_size, self.dtype) - 1)
+        self.cache = PagedKVCache(self.net.shape, int(n_blocks), block_size, max_seq, max_slots, self.dtype,
+                                  self.device, host_blocks, host_bytes)
+        self.sched = Scheduler(self.cache.n_blocks, block_size, max_seq, max_slots, self.cache.host_blocks)
+        self.runner = ModelRunner(self.net, self.cache, max_slots, cuda_graphs)
+        self.prefill_chunk, self.max_step_ms = prefill_chunk, max_step_ms
         self.sessions: dict[str, Session] = {}
+        self._moving: list[tuple[Session, str]] = []  # copies in flight: (session, "park" | "restore")
+        self._cost = {"decode_ms": 0.0, "prefill_ms_per_token": 0.0}  # measured, for prefill_budget
         self.stats = {"requests": 0, "tokens_generated": 0, "tokens_prefilled": 0, "decode_steps": 0,
                       "decode_batch_tokens": 0, "parks": 0, "restores": 0, "reused_sessions": 0,
                       "admit_ms": 0.0, "decode_ms": 0.0, "prefill_ms": 0.0}
         self._inbox: queue.Queue = queue.Queue()
-        self._waiting: list[Request] = []
-        self._running: list[Request] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="djinn-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def max_seq(self) -> int:
+        return self.cache.max_seq
+
     # -- thread-safe API -----------------------------------------------------
     def call(self, fn: Callable, *args) -> Future:
-        """Run ``fn(*args)`` on the engine thread (all session/slot state lives there)."""
+        """Run ``fn(*args)`` on the engine thread (all session/block state lives there)."""
         fut: Future = Future()
         self._inbox.put((fn, args, fut))
         return fut
@@ -148,8 +124,11 @@ class Engine:
     def forward(self, tokens: list[int], past_kv=None, return_kv: bool = False) -> Future:
         """Stateless step (partially_aware / semantic_blind): last-position logits, optionally the new KV."""
         start = 0 if past_kv is None else past_kv[0].shape[2]
-        if start + len(tokens) > self.pool.max_seq:
-            raise EngineError(f"request of {start + len(tokens)} tokens exceeds --max-seq-len {self.pool.max_seq}")
+        if start + len(tokens) > self.max_seq:
+            raise EngineError(f"request of {start + len(tokens)} tokens exceeds --max-seq-len {self.max_seq}")
+        if not self.sched.fits_ever(start + len(tokens)):
+            raise EngineError(f"request of {start + len(tokens)} tokens exceeds the KV cache "
+                              f"({self.cache.n_blocks} blocks of {self.cache.block_size}); raise --max-vram-gb")
         if not tokens:
             raise EngineError("tokens: a forward step needs at least one token")
         s = Session(id=f"tmp-{uuid.uuid4().hex[:8]}", temporary=True, kv_len=start)
@@ -158,12 +137,13 @@ class Engine:
 
     def snapshot(self) -> dict:
         """Counters for /metrics (read without locking; values are ints)."""
-        resident = sum(1 for s in list(self.sessions.values()) if s.resident)
-        return dict(self.stats, sessions=len(self.sessions), resident_sessions=resident,
-                    parked_sessions=len(self.sessions) - resident, kv_slots=self.pool.n_slots,
-                    kv_slots_free=len(self.pool.free), kv_pool_bytes=self.pool.nbytes,
-                    host_kv_slots=self.pool.host_slots,
-                    max_seq_len=self.pool.max_seq, waiting=len(self._waiting), running=len(self._running))
+        sessions = list(self.sessions.values())
+        parked = sum(1 for s in sessions if s.host_blocks is not None)
+        return dict(self.stats, sessions=len(sessions), resident_sessions=len(sessions) - parked,
+                    parked_sessions=parked, kv_blocks=self.cache.n_blocks, kv_blocks_free=self.sched.device.available,
+                    kv_block_tokens=self.cache.block_size, kv_cache_bytes=self.cache.nbytes,
+                    host_kv_blocks=self.cache.host_blocks, host_kv_blocks_free=self.sched.host.available,
+                    max_seq_len=self.max_seq, waiting=len(self.sched.waiting), running=len(self.sched.running))
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -182,36 +162,23 @@ class Engine:
         s = self.sessions.pop(session_id, None)
         if s is None:
             return False
-        for r in self._waiting + self._running:
+        for r in self.sched.waiting + self.sched.running:
             if r.session is s:
-                _settle(r.future, exc=EngineError(f"session {session_id} closed"))
-        self._waiting = [r for r in self._waiting if r.session is not s]
-        self._running = [r for r in self._running if r.session is not s]
-        self._free(s)
+                self._abort(r, EngineError(f"session {session_id} closed"))
+        if s.moving is not None:  # a copy in flight reads or writes its blocks: let it land first
+            s.moving.wait()
+            self._landed()
+        self.sched.free(s)
         return True
-
-    def _free(self, s: Session) -> None:
-        if s.slot is not None:
-            self.pool.release(s.slot)
-            s.slot = None
-        if s.host_kv is not None and not s.temporary:
-            self.pool.recycle(s.host_kv)
-        s.host_kv = None
-
-    def _park(self, s: Session) -> None:
-        if s.slot is None or s.busy:
-            return
-        s.host_kv = self.pool.save(s.slot, s.kv_len) if s.kv_len else None
-        self.pool.release(s.slot)
-        s.slot = None
-        self.stats["parks"] += 1
-        log.debug("parked session %s (%d tokens)", s.id, s.kv_len)
 
     def _park_by_id(self, session_id: str) -> bool:
         s = self.sessions.get(session_id)
         if s is None:
             raise EngineError(f"session {session_id} not found")
-        self._park(s)
+        if not s.busy:
+            plan = Plan()
+            self.sched.park(s, plan)
+            self._start(plan)
         return not s.resident
 
     def _new_generate(self, session_id, new_tokens, max_new_tokens, fut) -> Optional[Request]:
@@ -225,9 +192,13 @@ class Engine:
             _settle(fut, exc=EngineError(f"session {session_id} already has a request in flight"))
             return None
         total = len(s.history) + len(new_tokens) + max_new_tokens
-        if total > self.pool.max_seq:
+        if total > self.max_seq:
             _settle(fut, exc=EngineError(f"session {session_id} would hold {total} tokens > --max-seq-len "
-                                         f"{self.pool.max_seq}; close it or start a new one"))
+                                         f"{self.max_seq}; close it or start a new one"))
+            return None
+        if not self.sched.fits_ever(total):
+            _settle(fut, exc=EngineError(f"session {session_id} would hold {total} tokens, more than the KV cache "
+                                         f"({self.cache.n_blocks} blocks of {self.cache.block_size}); raise --max-vram-gb"))
             return None
         if not s.history and not new_tokens:
             _settle(fut, exc=EngineError("tokens: a new session's first request needs at least one token"))
@@ -247,14 +218,21 @@ class Engine:
         r.start = (len(r.session.history), r.session.kv_len)
         return r
 
+    def _release(self, r: Request) -> None:
+        """``r`` leaves the queues: its row and unused blocks go back (a temporary session's all)."""
+        if r in self.sched.waiting:
+            self.sched.waiting.remove(r)
+        self.sched.finish(r)
+        if r.session.temporary:
+            self.sched.free(r.session)
+
     def _abort(self, r: Request, exc: Optional[BaseException]) -> None:
         """Fail (or drop, when cancelled) ``r``: its session keeps no token the client did not receive."""
         s = r.session
         s.busy = False
         del s.history[r.base_len:]
         s.kv_len = min(s.kv_len, r.base_len)
-        if s.temporary:
-            self._free(s)
+        self._release(r)
         if exc is not None:
             _settle(r.future, exc=exc)
 
@@ -264,8 +242,7 @@ class Engine:
         del s.history[r.start[0]:]
         s.kv_len = r.start[1]
         r.pending, r.out, r.logits, r.suspect = s.history[s.kv_len:], [], None, True
-        if s.temporary:
-            self._free(s)
+        self._release(r)
 
     def _drain(self, block: bool) -> None:
         while True:
@@ -277,11 +254,11 @@ class Engine:
             if item is None:
                 return
             if isinstance(item, Request):
-                self._waiting.append(item)
+                self.sched.waiting.append(item)
             elif item[0] == "generate":
                 req = self._new_generate(*item[1:])
                 if req is not None:
-                    self._waiting.append(req)
+                    self.sched.waiting.append(req)
             else:
                 fn, args, fut = item
                 try:
@@ -290,43 +267,50 @@ class Engine:
                     _settle(fut, exc=exc)
 
     def _drop_cancelled(self) -> None:
-        """A client that went away cancelled its request: stop spending steps and its slot on it."""
-        for r in [r for r in self._waiting + self._running if r.future.cancelled()]:
+        """A client that went away cancelled its request: stop spending steps and blocks on it."""
+        for r in [r for r in self.sched.waiting + self.sched.running if r.future.cancelled()]:
             self._abort(r, None)
-        self._waiting = [r for r in self._waiting if not r.future.cancelled()]
-        self._running = [r for r in self._running if not r.future.cancelled()]
 
-    def _admit(self) -> None:
-        if any(r.suspect for r in self._running):
-            return  # a suspect of a failed step runs alone
-        suspect = next((r for r in self._waiting if r.suspect), None)
-        if suspect is not None and self._running:
-            return  # let the running requests finish first
+    def _landed(self) -> None:
+        """Apply the copies that have landed: a park frees device blocks, a restore host blocks."""
         still = []
-        for r in ([suspect] if suspect is not None else self._waiting):
-            s = r.session
-            if s.slot is None:
-                slot = self.pool.acquire()
-                if slot is None:
-                    victim = min((x for x in self.sessions.values() if x.resident and not x.busy),
-                                 key=lambda x: x.last_used, default=None)
-                    if victim is not None:
-                        self._park(victim)
-                        slot = self.pool.acquire()
-                if slot is None:
-                    still.append(r)
-                    continue
-                s.slot = slot
-                kv = r.past_kv if s.temporary else s.host_kv
-                if kv is not None:
-                    self.pool.load(slot, kv)
-                    if not s.temporary:
-                        self.pool.recycle(kv)
-                        s.host_kv = None
-                        self.stats["restores"] += 1
-            r.admitted = r.admitted or time.perf_counter()
-            self._running.append(r)
-        self._waiting = still if suspect is None else [r for r in self._waiting if r is not suspect] + still
+        for s, kind in self._moving:
+            if not s.moving.done():
+                still.append((s, kind))
+            elif kind == "park":
+                self.sched.parked(s)
+            else:
+                self.sched.restored(s)
+                if not s.busy:
+                    self.sched.trim(s)
+        self._moving = still
+
+    def _start(self, plan: Plan) -> None:
+        """Carry out the plan's copies and give admitted requests their table rows."""
+        for s, device, host in plan.park:
+            s.moving = self.cache.copy_out(device, host)
+            self._moving.append((s, "park"))
+            self.stats["parks"] += 1
+            log.debug("parking session %s (%d tokens, %d blocks)", s.id, s.kv_len, len(device))
+        for s, host, device in plan.restore:
+            s.moving = self.cache.copy_in(host, device)
+            self._moving.append((s, "restore"))
+            self.stats["restores"] += 1
+        if plan.admitted:
+            now = time.perf_counter()
+            for r in plan.admitted:
+                r.admitted = r.admitted or now
+                if r.session.temporary and r.past_kv is not None:
+                    self.cache.write(r.session.blocks, *r.past_kv)
+            self.cache.set_rows([r.row for r in plan.admitted], [r.session.blocks for r in plan.admitted])
+
+    def _chunk_for(self, decoding: int) -> int:
+        return prefill_budget(self.prefill_chunk, decoding, self.max_step_ms, self._cost["decode_ms"],
+                              self._cost["prefill_ms_per_token"])
+
+    def _measured(self, key: str, value: float) -> None:
+        old = self._cost[key]
+        self._cost[key] = value if old == 0 else (1 - EMA) * old + EMA * value
 
     def _finish(self, r: Request) -> None:
         s = r.session
@@ -338,18 +322,18 @@ class Engine:
         if s.temporary:
             res.logits = r.logits.float().cpu() if r.logits is not None else None
             if r.return_kv:
-                res.kv = self.pool.save(s.slot, s.kv_len, pooled=False)
-                self.pool.synchronize()
-            self._free(s)
+                res.kv = self.cache.read(s.blocks, s.kv_len)
+        self._release(r)
         self.stats["requests"] += 1
         _settle(r.future, res)
 
-    def _decode_step(self) -> None:
-        batch = [r for r in self._running if r.decoding]
+    def _decode_step(self, batch: list[Request]) -> None:
         if not batch:
             return
-        nxt = self.decoder([r.session.slot for r in batch], [r.session.history[r.session.kv_len] for r in batch],
-                           [r.session.kv_len for r in batch])
+        t0 = time.perf_counter()
+        nxt = self.runner.decode([r.row for r in batch], [r.session.history[r.session.kv_len] for r in batch],
+                                 [r.session.kv_len for r in batch])
+        self._measured("decode_ms", (time.perf_counter() - t0) * 1e3)  # the tokens' readback waited for the step
         for r, t in zip(batch, nxt):
             r.session.kv_len += 1
             r.out.append(t)
@@ -358,26 +342,18 @@ class Engine:
         self.stats["decode_batch_tokens"] += len(batch)
         self.stats["tokens_generated"] += len(batch)
 
-    def _prefill_step(self) -> None:
-        """Up to ``prefill_chunk`` tokens of pending prompts; chunks of one length run as one batch."""
-        budget = self.prefill_chunk
+    def _prefill_step(self, chunks: list[tuple[Request, int]]) -> None:
+        """The plan's prompt chunks; chunks of one length run as one batch."""
         groups: dict[int, list[tuple[Request, list[int]]]] = {}
-        for r in self._running:
-            if budget <= 0:
-                break
-            if r.pending:
-                chunk, r.pending = r.pending[:budget], r.pending[budget:]
-                budget -= len(chunk)
-                groups.setdefault(len(chunk), []).append((r, chunk))
-        dev = self.device
+        for r, n in chunks:
+            chunk, r.pending = r.pending[:n], r.pending[n:]
+            groups.setdefault(n, []).append((r, chunk))
         for length, items in groups.items():
-            for r, _ in items:
-                self.pool.wait_ready(r.session.slot)
-            logits = self.net.prefill(self.pool.k, self.pool.v,
-                                      torch.tensor([r.session.slot for r, _ in items], device=dev),
-                                      torch.tensor([c for _, c in items], device=dev),
-                                      torch.tensor([r.session.kv_len for r, _ in items], device=dev))
+            t0 = time.perf_counter()
+            logits = self.runner.prefill([r.row for r, _ in items], [c for _, c in items],
+                                         [r.session.kv_len for r, _ in items])
             firsts = logits.argmax(-1).tolist()
+            self._measured("prefill_ms_per_token", (time.perf_counter() - t0) * 1e3 / (length * len(items)))
             for (r, _), row, t in zip(items, logits, firsts):
                 s = r.session
                 s.kv_len += length
@@ -392,23 +368,29 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self._drain(block=not (self._waiting or self._running))
+                self._drain(block=not (self.sched.waiting or self.sched.running or self._moving))
                 self._drop_cancelled()
-                for phase, step in (("admit_ms", self._admit), ("decode_ms", self._decode_step),
-                                    ("prefill_ms", self._prefill_step)):
-                    t0 = time.perf_counter()
-                    step()
-                    self.stats[phase] += (time.perf_counter() - t0) * 1e3  # host time, for /metrics
-                done = [r for r in self._running if not r.pending and len(r.out) >= r.max_new_tokens]
-                for r in done:
+                t0 = time.perf_counter()
+                self._landed()
+                plan = self.sched.schedule(self.sessions, self._chunk_for)
+                self._start(plan)
+                t1 = time.perf_counter()
+                self._decode_step(plan.decode)
+                t2 = time.perf_counter()
+                self._prefill_step(plan.prefill)
+                t3 = time.perf_counter()
+                for phase, ms in (("admit_ms", t1 - t0), ("decode_ms", t2 - t1), ("prefill_ms", t3 - t2)):
+                    self.stats[phase] += ms * 1e3  # host time, for /metrics
+                for r in [r for r in self.sched.running if not r.pending and len(r.out) >= r.max_new_tokens]:
                     self._finish(r)
-                self._running = [r for r in self._running if r not in done]
+                if self._moving and not (plan.decode or plan.prefill):
+                    time.sleep(0.0005)  # only copies in flight: poll them without spinning hot
             except Exception as exc:  # never die; fail only the request that caused it
-                log.exception("engine step failed (%d requests in the step)", len(self._running))
-                if len(self._running) == 1:
-                    self._abort(self._running[0], EngineError(f"engine error: {exc}"))
+                running = list(self.sched.running)
+                log.exception("engine step failed (%d requests in the step)", len(running))
+                if len(running) == 1:
+                    self._abort(running[0], EngineError(f"engine error: {exc}"))
                 else:  # which one? each runs alone until it succeeds or fails on its own
-                    for r in self._running:
+                    for r in running:
                         self._retry(r)
-                    self._waiting = self._running + self._waiting
-                self._running = []
+                    self.sched.waiting = running + self.sched.waiting

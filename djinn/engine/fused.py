@@ -3,7 +3,7 @@
 The HF modules spend ~45 small kernels per layer on a one-token step (fp32 RMSNorm, rotary as
 multiply/cat, KV scatters, SiLU, residual adds); at batch 1 their launches cost about as much as
 reading the weights. Here each layer is: residual-add + RMSNorm (1 kernel), one q|k|v GEMV,
-rotary + KV-cache write (1), pool attention (1), o GEMV, add + RMSNorm (1), one gate|up GEMV,
+rotary + KV-cache write (1), paged attention (1), o GEMV, add + RMSNorm (1), one gate|up GEMV,
 SiLU-multiply (1), down GEMV: 9 kernels. Every rounding step matches HF's half-precision order, so the
 logits equal the HF modules' up to the order of one reduction.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from djinn.engine.attention import triton, triton_pool_decode_attention
+from djinn.engine.attention import triton, triton_paged_decode_attention
 
 if triton is not None:
     import triton.language as tl
@@ -33,8 +33,8 @@ if triton is not None:
         tl.store(OUT + row * N + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype), mask=m)
 
     @triton.jit
-    def _rope_store_kernel(Q, K, V, QOUT, KP, VP, COS, SIN, POS, SLOTS,
-                           sq, sk, sv, sp_s, sp_h, sp_t, H: tl.constexpr, D: tl.constexpr):
+    def _rope_store_kernel(Q, K, V, QOUT, KC, VC, COS, SIN, POS, TABLES, ROWS,
+                           sq, sk, sv, sc_b, sc_h, sc_t, st_r, H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
         b = tl.program_id(0)
         j = tl.program_id(1)
         half = tl.arange(0, D // 2)
@@ -59,13 +59,14 @@ if triton is not None:
             tl.store(dst + half, o1)
             tl.store(dst + D // 2 + half, o2)
         else:
-            slot = tl.load(SLOTS + b).to(tl.int64)
-            off = slot * sp_s + (j - H) * sp_h + pos * sp_t
-            tl.store(KP + off + half, o1)
-            tl.store(KP + off + D // 2 + half, o2)
+            row = tl.load(ROWS + b).to(tl.int64)
+            blk = tl.load(TABLES + row * st_r + pos // BS).to(tl.int64)
+            off = blk * sc_b + (j - H) * sc_h + (pos % BS) * sc_t
+            tl.store(KC + off + half, o1)
+            tl.store(KC + off + D // 2 + half, o2)
             vsrc = V + b * sv + (j - H) * D
-            tl.store(VP + off + half, tl.load(vsrc + half))
-            tl.store(VP + off + D // 2 + half, tl.load(vsrc + D // 2 + half))
+            tl.store(VC + off + half, tl.load(vsrc + half))
+            tl.store(VC + off + D // 2 + half, tl.load(vsrc + D // 2 + half))
 
     @triton.jit
     def _silu_mul_kernel(GU, OUT, N: tl.constexpr, BLOCK: tl.constexpr):
@@ -110,7 +111,7 @@ def _concat_weights(*linears) -> torch.Tensor:
 
 
 class FusedLlamaDecode:
-    """``decode(k_pool, v_pool, slots, tokens, positions) -> logits`` with the fused kernels."""
+    """``decode(kv, tables, rows, tokens, positions) -> logits`` with the fused kernels."""
 
     def __init__(self, net):
         self.net = net
@@ -139,7 +140,7 @@ class FusedLlamaDecode:
                 and getattr(net.model.config, "hidden_act", None) == "silu"
                 and hasattr(layer.input_layernorm, "variance_epsilon"))
 
-    def decode(self, k_pool, v_pool, slots, tokens, positions):
+    def decode(self, kv, tables, rows, tokens, positions):
         B = tokens.shape[0]
         H, KVH, D = self.H, self.KVH, self.D
         residual = self.embed(tokens)
@@ -150,11 +151,12 @@ class FusedLlamaDecode:
             qkv = F.linear(h, self.w_qkv[li])
             q, k, v = qkv.split([H * D, KVH * D, KVH * D], dim=1)
             q_rot = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
-            kp, vp = k_pool[li], v_pool[li]
-            _rope_store_kernel[(B, H + KVH)](q, k, v, q_rot, kp, vp, self.cos, self.sin, positions, slots,
+            kc, vc = kv[:, li, 0], kv[:, li, 1]
+            _rope_store_kernel[(B, H + KVH)](q, k, v, q_rot, kc, vc, self.cos, self.sin, positions, tables, rows,
                                              q.stride(0), k.stride(0), v.stride(0),
-                                             kp.stride(0), kp.stride(1), kp.stride(2), H=H, D=D)
-            o = triton_pool_decode_attention(q_rot, kp, vp, slots, lengths, self.net.scale)
+                                             kc.stride(0), kc.stride(1), kc.stride(2), tables.stride(0),
+                                             H=H, D=D, BS=kc.shape[2])
+            o = triton_paged_decode_attention(q_rot, kc, vc, tables, rows, lengths, self.net.scale)
             h = _add_rmsnorm(residual, F.linear(o, attn.o_proj.weight), layer.post_attention_layernorm.weight,
                              self.eps[li][1])
             mlp = layer.mlp

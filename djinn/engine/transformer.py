@@ -1,8 +1,8 @@
-"""The forward pass of a HF causal LM over a slotted KV pool.
+"""The forward pass of a HF causal LM over the paged KV cache.
 
 Weights stay in the HF modules (one copy, the Text Segment); this module only
 replaces attention so that many sessions' caches (Data Segments) live in one
-pool and decode steps of all sessions run as one batch. Norms, projections and
+block cache and decode steps of all sessions run as one batch. Norms, projections and
 MLPs are the HF modules themselves, so the math matches ``model.generate``.
 Supported families: GPT-2 and Llama-style (Llama, Mistral, Qwen2).
 """
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from djinn.engine.attention import (SDPA_BACKENDS, torch_pool_decode_attention, triton_pool_decode_attention,
-                                    triton_supported)
+from djinn.engine.attention import (SDPA_BACKENDS, gather_positions, torch_paged_decode_attention,
+                                    triton_paged_decode_attention, triton_supported)
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class PoolTransformer:
-    """Runs a HF model's layers with attention against ``k_pool``/``v_pool``.
-
-    Pools are ``[layers, slots, kv_heads, max_seq, head_dim]``; a session owns one slot.
-    """
+class PagedTransformer:
+    """Runs a HF model's layers with attention against the paged KV cache."""
 
     def __init__(self, model):
         self.model = model
@@ -111,55 +108,68 @@ class PoolTransformer:
         return self.model.lm_head(x)
 
     # -- entry points ----------------------------------------------------------
+    # ``kv`` is the paged cache [blocks, layers, 2, kv_heads, block_size, head_dim]; request b's positions
+    # live in the blocks listed by ``tables[rows[b]]`` (see djinn.engine.kv_cache).
     @torch.inference_mode()
-    def prefill(self, k_pool, v_pool, slots: torch.Tensor, tokens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-        """Process ``tokens`` [B, T] of B sessions at positions ``starts[b]..starts[b]+T-1``
-        (one chunk length T for the group); returns the last position's logits [B, V]."""
+    def prefill(self, kv, tables, rows: torch.Tensor, tokens: torch.Tensor, starts: torch.Tensor, end: int) -> torch.Tensor:
+        """Process ``tokens`` [B, T] of B requests at positions ``starts[b]..starts[b]+T-1`` (one chunk length
+        T for the group, ``end`` = max(starts) + T); returns the last position's logits [B, V]."""
         B, T = tokens.shape
+        bs = kv.shape[4]
         positions = starts[:, None] + torch.arange(T, device=tokens.device)  # [B, T]
-        end = int(starts.max()) + T
         flat = positions.reshape(-1)
         x = self._embed(tokens.reshape(-1), flat)
         rope = self._rope(flat)
+        blocks = torch.gather(tables[rows].long(), 1, positions // bs)  # [B, T]
+        offsets = positions % bs
+        prefix = end > T  # some row continues a cached prefix: attend through the tables
         mask = (torch.arange(end, device=tokens.device)[None, None, :] <= positions[:, :, None]).unsqueeze(1)
-        rows = slots[:, None].expand(B, T)
 
         for li, layer in enumerate(self._layers()):
             @sdpa_kernel(SDPA_BACKENDS)
             def attend(q, k, v, li=li):
-                k_pool[li, rows, :, positions] = k.view(B, T, *k.shape[1:])
-                v_pool[li, rows, :, positions] = v.view(B, T, *v.shape[1:])
-                kk = k_pool[li, :, :, :end][slots]  # [B, KVH, end, D]
-                vv = v_pool[li, :, :, :end][slots]
+                kc, vc = kv[:, li, 0], kv[:, li, 1]
+                k, v = k.view(B, T, *k.shape[1:]), v.view(B, T, *v.shape[1:])
+                kc[blocks, :, offsets] = k
+                vc[blocks, :, offsets] = v
                 qq = q.view(B, T, *q.shape[1:]).transpose(1, 2)  # [B, H, T, D]
-                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=self.scale,
-                                                   enable_gqa=kk.shape[1] != qq.shape[1])
+                if prefix:
+                    kk, vv = gather_positions(kc, tables, rows, end), gather_positions(vc, tables, rows, end)
+                    o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=self.scale,
+                                                       enable_gqa=kk.shape[1] != qq.shape[1])
+                else:
+                    o = F.scaled_dot_product_attention(qq, k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                                       scale=self.scale, enable_gqa=k.shape[2] != qq.shape[1])
                 return o.transpose(1, 2).reshape(B * T, -1)
 
             x = self._layer(layer, x, rope, attend)
         return self._logits(x.view(B, T, -1)[:, -1])
 
     @torch.inference_mode()
-    def decode(self, k_pool, v_pool, slots: torch.Tensor, tokens: torch.Tensor,
-               positions: torch.Tensor, span: int) -> torch.Tensor:
-        """One token for each of B sessions: ``slots``/``tokens``/``positions`` are [B];
-        ``span`` >= max(positions)+1 bounds the attended cache (torch path). Returns logits [B, V].
-        With ``use_triton`` the attention reads the pool in place (Llama-style models run the
-        fused kernels of :mod:`djinn.engine.fused`) and nothing here syncs with the host, so
-        the whole step can be captured in a CUDA graph."""
+    def decode(self, kv, tables, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+               span: int) -> torch.Tensor:
+        """One token for each of B requests: ``rows``/``tokens``/``positions`` are [B]; ``span`` >=
+        max(positions)+1 bounds the attended cache (torch path). Returns logits [B, V]. With ``use_triton``
+        the attention reads the blocks in place (Llama-style models run the fused kernels of
+        :mod:`djinn.engine.fused`) and nothing here syncs with the host, so the whole step can be
+        captured in a CUDA graph."""
         if self.fused is not None:
-            return self.fused.decode(k_pool, v_pool, slots, tokens, positions)
+            return self.fused.decode(kv, tables, rows, tokens, positions)
         x = self._embed(tokens, positions)
         rope = self._rope(positions)
         lengths = positions + 1
+        bs = kv.shape[4]
+        blocks = tables[rows, positions // bs].long()
+        offsets = positions % bs
 
         for li, layer in enumerate(self._layers()):
             def attend(q, k, v, li=li):
-                k_pool[li, slots, :, positions] = k
-                v_pool[li, slots, :, positions] = v
+                kc, vc = kv[:, li, 0], kv[:, li, 1]
+                kc[blocks, :, offsets] = k
+                vc[blocks, :, offsets] = v
                 if self.use_triton:
-                    return triton_pool_decode_attention(q, k_pool[li], v_pool[li], slots, lengths, self.scale)
-                return torch_pool_decode_attention(q, k_pool[li], v_pool[li], slots, lengths, self.scale, span)
+                    return triton_paged_decode_attention(q, kc, vc, tables, rows, lengths, self.scale)
+                return torch_paged_decode_attention(q, kc, vc, tables, rows, lengths, self.scale, span)
 
             x = self._layer(layer, x, rope, attend)
         return self._logits(x)

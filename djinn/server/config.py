@@ -20,10 +20,11 @@ class ServerConfig:
     max_concurrent: int = 64
     max_vram_gb: float = 80.0
     max_seq_len: int = 512
-    max_slots: int = 256
-    prefill_chunk: int = 2048
-    host_kv_slots: Optional[int] = None     # None: as many as host_kv_gb holds (kv_pool.auto_host_slots)
-    host_kv_gb: Optional[float] = None      # None: a quarter of the available host memory (cgroup-aware)
+    max_slots: int = 1024                   # requests running at once (the decode batch)
+    prefill_chunk: int = 2048               # most prefill tokens per engine step
+    max_step_ms: float = 100.0              # prefill chunks shrink so a step with decodes stays within this
+    kv_block_size: int = 16                 # tokens per KV block
+    host_kv_gb: Optional[float] = None      # pinned for parked blocks; None: a quarter of the free host memory
     session_ttl_s: float = 600.0
     orphan_ttl_s: float = 60.0
     weights: str = "auto"
@@ -66,7 +67,8 @@ class ServerConfig:
 
 _FLAGS = {"host": "--host", "port": "--port", "control_port": "--control-port", "max_concurrent": "--max-concurrent",
           "max_vram_gb": "--max-vram-gb", "max_seq_len": "--max-seq-len", "max_slots": "--max-slots",
-          "prefill_chunk": "--prefill-chunk", "host_kv_slots": "--host-kv-slots", "host_kv_gb": "--host-kv-gb",
+          "prefill_chunk": "--prefill-chunk", "max_step_ms": "--max-step-ms", "kv_block_size": "--kv-block-size",
+          "host_kv_gb": "--host-kv-gb",
           "session_ttl_s": "--session-ttl", "orphan_ttl_s": "--orphan-ttl", "weights": "--weights",
           "dtype": "--dtype", "seed": "--seed", "model_id": "--model-id", "allow_models": "--allow-model",
           "max_frame": "--max-frame-mb", "shutdown_grace_s": "--shutdown-grace", "read_timeout_s": "--read-timeout",

@@ -21,16 +21,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--control-port", type=int, default=5555, help="HTTP control plane port (-1 disables it)")
     p.add_argument("--max-concurrent", type=int, default=64,
                    help="requests served at once (env GENIE_QOS_MAX_CONCURRENCY overrides)")
-    p.add_argument("--max-vram-gb", type=float, default=80.0, help="device memory for weights + KV caches (GiB)")
-    p.add_argument("--max-seq-len", type=int, default=512, help="tokens one session may hold")
-    p.add_argument("--max-slots", type=int, default=256, help="sessions resident on the device at once")
-    p.add_argument("--prefill-chunk", type=int, default=2048, help="prefill tokens per engine step")
-    p.add_argument("--host-kv-slots", type=int, default=None,
-                   help="parked sessions' caches preallocated in one pinned slab at start (more are allocated on "
-                        "demand); default: what --host-kv-gb holds, up to the KV slots, on a GPU (0 on CPU)")
-    p.add_argument("--host-kv-gb", type=float, default=None,
-                   help="host memory for that slab (default: a quarter of the available memory, cgroup limit "
-                        "included)")
+    add_engine_arguments(p)
     p.add_argument("--session-ttl", type=float, default=600.0, help="seconds an idle session lives")
     p.add_argument("--orphan-ttl", type=float, default=60.0, help="seconds a session of a dropped client lives")
     p.add_argument("--max-frame-mb", type=float, default=None,
@@ -54,6 +45,38 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights")
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The engine's flags, shared with bench-engine (one ServerConfig, the same defaults)."""
+    d = ServerConfig()
+    p.add_argument("--max-vram-gb", type=float, default=d.max_vram_gb, help="device memory for weights + KV cache (GiB)")
+    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
+                   help="tokens one session may hold (a cap: memory is taken by the tokens held)")
+    p.add_argument("--max-slots", type=int, default=d.max_slots, help="requests running at once (the decode batch)")
+    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk, help="most prefill tokens per engine step")
+    p.add_argument("--max-step-ms", type=float, default=d.max_step_ms,
+                   help="prefill chunks shrink (by measured costs) so a step with running decodes stays within this")
+    p.add_argument("--kv-block-size", type=int, default=d.kv_block_size, help="tokens per KV cache block")
+    p.add_argument("--host-kv-gb", type=float, default=d.host_kv_gb,
+                   help="host memory pinned at start for parked sessions' blocks, on a GPU (default: a quarter of "
+                        "the available memory, cgroup limit included; beyond it, pageable memory)")
+
+
+def engine_config_errors(args: argparse.Namespace) -> list[str]:
+    errors = []
+    if args.host_kv_gb is not None and not args.host_kv_gb >= 0:
+        errors.append("--host-kv-gb: must be >= 0")
+    if not args.max_vram_gb > 0:
+        errors.append("--max-vram-gb: must be > 0")
+    if not args.max_step_ms > 0:
+        errors.append("--max-step-ms: must be > 0")
+    for name in ("max_seq_len", "max_slots", "prefill_chunk", "kv_block_size"):
+        if getattr(args, name) < 1:
+            errors.append(f"--{name.replace('_', '-')}: must be >= 1")
+    if args.kv_block_size & (args.kv_block_size - 1):
+        errors.append("--kv-block-size: must be a power of two (16 is the default)")
+    return errors
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -83,21 +106,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     for name in ("shutdown_grace", "read_timeout", "idle_timeout"):
         if not getattr(args, name) > 0:
             raise SystemExit(f"--{name.replace('_', '-')}: must be > 0 seconds")
-    if args.host_kv_gb is not None and not args.host_kv_gb >= 0:
-        raise SystemExit("--host-kv-gb: must be >= 0")
     if args.max_frame_mb is not None and not args.max_frame_mb > 0:
         raise SystemExit("--max-frame-mb: must be > 0")
-    for name in ("max_seq_len", "max_slots", "prefill_chunk"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')}: must be >= 1")
+    for error in engine_config_errors(args):
+        raise SystemExit(error)
     return ServerConfig(device=device, host=args.host, port=args.port,
                         control_port=None if args.control_port < 0 else args.control_port,
                         shutdown_grace_s=args.shutdown_grace, read_timeout_s=args.read_timeout,
                         idle_timeout_s=args.idle_timeout, insecure=args.insecure,
                         max_concurrent=max_concurrent, max_vram_gb=args.max_vram_gb,
                         max_seq_len=args.max_seq_len, max_slots=args.max_slots, prefill_chunk=args.prefill_chunk,
-                        host_kv_slots=None if args.host_kv_slots is None else max(0, args.host_kv_slots),
-                        host_kv_gb=args.host_kv_gb,
+                        max_step_ms=args.max_step_ms, kv_block_size=args.kv_block_size, host_kv_gb=args.host_kv_gb,
                         session_ttl_s=args.session_ttl, orphan_ttl_s=args.orphan_ttl, weights=args.weights,
                         dtype=args.dtype, seed=args.seed, model_id=args.model_id, allow_models=tuple(args.allow_model),
                         max_frame=None if args.max_frame_mb is None else round(args.max_frame_mb * 2**20),

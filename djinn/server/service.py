@@ -3,7 +3,7 @@
 Both planes call into :class:`DjinnService` from the asyncio loop; compute runs on
 each model's engine thread. One copy of each model's weights is shared by every
 session of that model (Text Segment); each session's KV lives in the engine's
-pool or, when parked, in host memory (Data Segment).
+cache blocks or, when parked, in host memory (Data Segment).
 """
 from __future__ import annotations
 
@@ -51,6 +51,15 @@ def kv_budget_bytes(max_vram_gb: float, weight_bytes: int, device: torch.device,
     return budget
 
 
+def build_engine(config: ServerConfig, loaded: LoadedModel, used_bytes: int = 0) -> Engine:
+    """The engine ``config`` asks for over ``loaded``: the one place (the server, bench-engine) that sizes a
+    KV cache; ``used_bytes`` is what other models on the device already hold."""
+    budget = kv_budget_bytes(config.max_vram_gb, loaded.weight_bytes, loaded.device, used_bytes)
+    return Engine(loaded.model, max_seq=config.max_seq_len, kv_budget_bytes=budget, max_slots=config.max_slots,
+                  prefill_chunk=config.prefill_chunk, max_step_ms=config.max_step_ms, block_size=config.kv_block_size,
+                  host_blocks=None, host_bytes=None if config.host_kv_gb is None else int(config.host_kv_gb * GiB))
+
+
 def allowed_models(config: ServerConfig) -> set[str]:
     """What clients may load: the server's --model-id, the shipped configs, each --allow-model."""
     return {*shipped_model_ids(), *config.allow_models, *([config.model_id] if config.model_id else [])}
@@ -96,13 +105,12 @@ class DjinnService:
         if self.config.max_frame is not None:
             return self.config.max_frame
         sizes = [kv_frame_bytes(m.engine.net.shape.n_layers, m.engine.net.shape.n_kv_heads, m.engine.net.shape.head_dim,
-                                m.engine.net.shape.vocab_size, m.engine.pool.max_seq, m.engine.dtype.itemsize)
+                                m.engine.net.shape.vocab_size, m.engine.max_seq, m.engine.dtype.itemsize)
                  for m in self.models.values()]
         return max([MIN_FRAME, *sizes])
 
-    def _kv_budget(self, weight_bytes: int, device: torch.device) -> int:
-        used = sum(m.loaded.weight_bytes + m.engine.pool.nbytes for m in self.models.values())
-        return kv_budget_bytes(self.config.max_vram_gb, weight_bytes, device, used)
+    def _used_bytes(self) -> int:
+        return sum(m.loaded.weight_bytes + m.engine.cache.nbytes for m in self.models.values())
 
     async def load(self, model_id: Any, weights: Any = None, dtype: Any = None, wire: bool = True) -> ModelEntry:
         """Load ``model_id`` once; later calls (any session, any client) share it. From the wire only an
@@ -127,14 +135,10 @@ class DjinnService:
                 if wire:
                     need = await asyncio.to_thread(estimate_weight_bytes, model_id, weights or self.config.weights,
                                                    dtype or self.config.dtype, self.config.device)
-                    self._kv_budget(need, resolve_device(self.config.device))
+                    kv_budget_bytes(self.config.max_vram_gb, need, resolve_device(self.config.device), self._used_bytes())
                 loaded = await asyncio.to_thread(load_model, model_id, weights or self.config.weights,
                                                  dtype or self.config.dtype, self.config.device, self.config.seed)
-                budget = self._kv_budget(loaded.weight_bytes, loaded.device)
-                engine = Engine(loaded.model, max_seq=self.config.max_seq_len, kv_budget_bytes=budget,
-                                max_slots=self.config.max_slots, prefill_chunk=self.config.prefill_chunk,
-                                host_slots=self.config.host_kv_slots,
-                                host_bytes=None if self.config.host_kv_gb is None else int(self.config.host_kv_gb * GiB))
+                engine = build_engine(self.config, loaded, self._used_bytes())
             except (ModelLoadError, OSError, ValueError) as exc:
                 raise RequestError("bad_request", f"model_id: {model_id!r} cannot be loaded: "
                                                   f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
@@ -143,9 +147,10 @@ class DjinnService:
                 self.loading = False
             self.models[model_id] = ModelEntry(loaded, engine)
             self.default_model = self.default_model or model_id
-            log.info("loaded %s (%s weights, %.1f MiB, %s %s): %d KV slots of %d tokens", model_id,
-                     loaded.weights, loaded.weight_bytes / 2**20, loaded.device, str(loaded.dtype).removeprefix("torch."),
-                     engine.pool.n_slots, engine.pool.max_seq)
+            log.info("loaded %s (%s weights, %.1f MiB, %s %s): KV cache of %d blocks of %d tokens (%.2f GiB), "
+                     "sessions up to %d tokens", model_id, loaded.weights, loaded.weight_bytes / 2**20, loaded.device,
+                     str(loaded.dtype).removeprefix("torch."), engine.cache.n_blocks, engine.cache.block_size,
+                     engine.cache.nbytes / GiB, engine.max_seq)
             return self.models[model_id]
 
     def _model(self, model_id: Any) -> ModelEntry:

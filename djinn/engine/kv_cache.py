@@ -1,0 +1,174 @@
+"""The paged KV cache on the device, and the pinned host arena that parked sessions' blocks go to.
+
+Layout ``[blocks, layers, 2 (K, V), kv_heads, block_size, head_dim]``: one block holds a run of
+``block_size`` tokens of every layer, so parking or restoring a block is one contiguous copy (MiBs for
+a 7B model), and consecutive blocks coalesce into one. Attention reads a layer's view through each
+running request's row of ``tables`` (block ids), so sessions hold memory by the tokens they have.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from djinn.engine.transformer import Shape
+
+log = logging.getLogger("djinn.engine")
+HOST_ARENA_FRACTION = 0.25  # of the host's available memory, pinned at start for parked blocks by default
+
+
+def available_host_bytes(cgroup: str = "/sys/fs/cgroup") -> int:
+    """Free host memory, capped by this container's cgroup (v2) memory limit when it has one."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+    try:
+        limit = open(f"{cgroup}/memory.max").read().strip()
+        used = int(open(f"{cgroup}/memory.current").read())
+        if limit != "max":
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(0, free)
+
+
+def block_bytes(shape: Shape, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block: K and V of every layer for ``block_size`` tokens."""
+    return 2 * shape.n_layers * shape.n_kv_heads * block_size * shape.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def auto_host_blocks(n_blocks: int, block_nbytes: int, arena_bytes: int) -> int:
+    """Host blocks to pin at start: what ``arena_bytes`` holds, at most as many as the device has (pinning on
+    demand stalled the engine ~15 ms a park on an H100 host, a first wave of parks by seconds)."""
+    return max(0, min(n_blocks, int(arena_bytes) // max(1, block_nbytes)))
+
+
+def copy_runs(device: list[int], host: list[int], pinned: int) -> list[tuple[int, int, int]]:
+    """(device start, host start, count) runs where both id lists go up by one; host ids >= ``pinned``
+    (pageable overflow blocks, each its own tensor) stay single."""
+    runs: list[tuple[int, int, int]] = []
+    for d, h in zip(device, host):
+        if runs:
+            d0, h0, n = runs[-1]
+            if d == d0 + n and h == h0 + n and h < pinned:
+                runs[-1] = (d0, h0, n + 1)
+                continue
+        runs.append((d, h, 1))
+    return runs
+
+
+class Copy:
+    """A copy on the side stream; ``done()`` polls without blocking, ``wait()`` blocks."""
+
+    def __init__(self, event: Optional[torch.cuda.Event]):
+        self.event = event
+
+    def done(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+
+class PagedKVCache:
+    """``n_blocks`` device blocks (+1 scratch block that padding rows of a batch write to), a block-table
+    row per running request (+1 scratch row), and ``host_blocks`` pinned host blocks allocated once."""
+
+    def __init__(self, shape: Shape, n_blocks: int, block_size: int, max_seq: int, max_rows: int,
+                 dtype: torch.dtype, device: torch.device, host_blocks: Optional[int] = 0,
+                 host_bytes: Optional[int] = None):
+        if n_blocks < 1:
+            raise ValueError("the KV cache needs at least one block; raise --max-vram-gb")
+        self.shape, self.block_size, self.max_seq, self.device = shape, block_size, max_seq, device
+        self.n_blocks, self.scratch = n_blocks, n_blocks
+        self.block_shape = (shape.n_layers, 2, shape.n_kv_heads, block_size, shape.head_dim)
+        self.kv = torch.zeros((n_blocks + 1, *self.block_shape), dtype=dtype, device=device)
+        self.max_blocks = -(-max_seq // block_size)
+        self.scratch_row = max_rows
+        self.tables = torch.full((max_rows + 1, self.max_blocks), n_blocks, dtype=torch.int32, device=device)
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        nbytes = block_bytes(shape, block_size, dtype)
+        if host_blocks is None:  # auto: pinned memory only pays on a GPU
+            arena = host_bytes if host_bytes is not None else available_host_bytes() * HOST_ARENA_FRACTION
+            host_blocks = auto_host_blocks(n_blocks, nbytes, int(arena)) if self.cuda else 0
+            log.info("pinned host arena: %d blocks of %d tokens (%.1f GiB)", host_blocks, block_size,
+                     host_blocks * nbytes / 2**30)
+        self.host_blocks = host_blocks
+        self.host = torch.empty((host_blocks, *self.block_shape), dtype=dtype, pin_memory=self.cuda and host_blocks > 0)
+        self.overflow: dict[int, torch.Tensor] = {}  # past the arena: pageable blocks, kept for reuse
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def layer(self, li: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``li``'s K and V views, each [blocks, kv_heads, block_size, head_dim]."""
+        return self.kv[:, li, 0], self.kv[:, li, 1]
+
+    def set_rows(self, rows: list[int], blocks: list[list[int]]) -> None:
+        """Point table ``rows`` at their requests' blocks (unused entries at the scratch block)."""
+        t = torch.full((len(rows), self.max_blocks), self.scratch, dtype=torch.int32)
+        for i, b in enumerate(blocks):
+            t[i, :len(b)] = torch.tensor(b, dtype=torch.int32)
+        self.tables[torch.tensor(rows, device=self.device)] = t.to(self.device, non_blocking=True)
+
+    # -- parking -----------------------------------------------------------------------------
+    def _host_block(self, i: int) -> torch.Tensor:
+        if i < self.host_blocks:
+            return self.host[i]
+        if i not in self.overflow:
+            self.overflow[i] = torch.empty(self.block_shape, dtype=self.kv.dtype)
+        return self.overflow[i]
+
+    def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Copy:
+        if not self.cuda:
+            for dst, src in pairs:
+                dst.copy_(src)
+            return Copy(None)
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the blocks' last writes first
+        with torch.cuda.stream(self.copy_stream):
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        return Copy(event)
+
+    def copy_out(self, device_blocks: list[int], host_blocks: list[int]) -> Copy:
+        pairs = []
+        for d, h, n in copy_runs(device_blocks, host_blocks, self.host_blocks):
+            dst = self.host[h:h + n] if h < self.host_blocks else self._host_block(h)[None]
+            pairs.append((dst, self.kv[d:d + n]))
+        return self._copy(pairs)
+
+    def copy_in(self, host_blocks: list[int], device_blocks: list[int]) -> Copy:
+        pairs = []
+        for d, h, n in copy_runs(device_blocks, host_blocks, self.host_blocks):
+            src = self.host[h:h + n] if h < self.host_blocks else self._host_block(h)[None]
+            pairs.append((self.kv[d:d + n], src))
+        return self._copy(pairs)
+
+    # -- whole caches of stateless requests ([layers, kv_heads, length, head_dim] each) -------------
+    def write(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        L, H, n, D = k.shape
+        nb = -(-n // self.block_size)
+        packed = torch.zeros((nb * self.block_size, L, 2, H, D), dtype=self.kv.dtype)
+        packed[:n, :, 0] = k.permute(2, 0, 1, 3)
+        packed[:n, :, 1] = v.permute(2, 0, 1, 3)
+        packed = packed.view(nb, self.block_size, L, 2, H, D).permute(0, 2, 3, 4, 1, 5)
+        self.kv[torch.tensor(blocks[:nb], device=self.device)] = packed.to(self.device)
+
+    def read(self, blocks: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        nb = -(-n // self.block_size)
+        packed = self.kv[torch.tensor(blocks[:nb], device=self.device)].cpu()  # [nb, L, 2, H, BS, D]
+        L, _, H, BS, D = self.block_shape
+        flat = packed.permute(1, 2, 3, 0, 4, 5).reshape(L, 2, H, nb * BS, D)[:, :, :, :n]
+        return flat[:, 0].contiguous(), flat[:, 1].contiguous()
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            self.copy_stream.synchronize()

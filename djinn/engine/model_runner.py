@@ -1,0 +1,94 @@
+"""The model runner: the batched steps on the device. Decode is eager or replayed from CUDA graphs
+captured per batch-size bucket; prefill runs eagerly (its shapes vary)."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from djinn.engine.kv_cache import PagedKVCache
+from djinn.engine.transformer import PagedTransformer
+
+log = logging.getLogger("djinn.engine")
+
+
+def bucket_sizes(limit: int) -> list[int]:
+    """Powers of two up to the first one >= ``limit``."""
+    sizes = [1]
+    while sizes[-1] < limit:
+        sizes.append(sizes[-1] * 2)
+    return sizes
+
+
+class ModelRunner:
+    """``decode(rows, tokens, positions) -> next tokens`` (greedy) and ``prefill(...) -> logits`` over ``cache``.
+
+    On CUDA with the Triton attention, every decode bucket (1, 2, 4, ... >= the running requests) is
+    captured once as a CUDA graph; a batch is padded to its bucket with the scratch row (whose table
+    points at the scratch block) and replayed after one host-to-device copy of its inputs. Elsewhere
+    the step runs eagerly.
+    """
+
+    def __init__(self, net: PagedTransformer, cache: PagedKVCache, max_batch: int, cuda_graphs: bool = True):
+        self.net, self.cache = net, cache
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        triton = net.enable_triton(cache.kv)  # also on the CPU under TRITON_INTERPRET=1 (tests)
+        self.graphed = bool(cuda_graphs and cache.cuda and triton)
+        if self.graphed:
+            self.sizes = bucket_sizes(max_batch)
+            n = self.sizes[-1]
+            self.inputs = torch.zeros(3, n, dtype=torch.int64, device=cache.device)  # rows, tokens, positions
+            self.staging = torch.zeros(3, n, dtype=torch.int64, pin_memory=True)
+            self._capture()
+
+    def _step(self, b: int) -> torch.Tensor:
+        rows, tokens, positions = self.inputs[0, :b], self.inputs[1, :b], self.inputs[2, :b]
+        return self.net.decode(self.cache.kv, self.cache.tables, rows, tokens, positions, span=0).argmax(-1)
+
+    def _capture(self) -> None:
+        self.inputs[0].fill_(self.cache.scratch_row)
+        mempool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.cache.device)
+        side.wait_stream(torch.cuda.current_stream(self.cache.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(self.sizes[-1])
+        torch.cuda.current_stream(self.cache.device).wait_stream(side)
+        for b in reversed(self.sizes):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=mempool):
+                out = self._step(b)
+            self.graphs[b] = (graph, out)
+        torch.cuda.synchronize(self.cache.device)
+        log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+
+    def decode(self, rows: list[int], tokens: list[int], positions: list[int]) -> list[int]:
+        if not self.graphed:
+            dev = self.cache.device
+            logits = self.net.decode(self.cache.kv, self.cache.tables, torch.tensor(rows, device=dev),
+                                     torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
+                                     span=max(positions) + 1)
+            return logits.argmax(-1).tolist()
+        out: list[int] = []
+        step = self.sizes[-1]
+        for i in range(0, len(rows), step):
+            out += self._replay(rows[i:i + step], tokens[i:i + step], positions[i:i + step])
+        return out
+
+    def _replay(self, rows: list[int], tokens: list[int], positions: list[int]) -> list[int]:
+        n = len(rows)
+        b = next(s for s in self.sizes if s >= n)
+        pad = b - n
+        self.staging[:, :b] = torch.tensor([rows + [self.cache.scratch_row] * pad, tokens + [0] * pad,
+                                            positions + [0] * pad])
+        self.inputs[:, :b].copy_(self.staging[:, :b], non_blocking=True)
+        graph, result = self.graphs[b]
+        graph.replay()
+        return result[:n].tolist()
+
+    def prefill(self, rows: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Chunks of one length for ``rows`` at positions from ``starts``: last-position logits [B, V]."""
+        dev = self.cache.device
+        return self.net.prefill(self.cache.kv, self.cache.tables, torch.tensor(rows, device=dev),
+                                torch.tensor(chunks, device=dev), torch.tensor(starts, device=dev),
+                                max(starts) + len(chunks[0]))

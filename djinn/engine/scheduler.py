@@ -1,0 +1,255 @@
+"""The engine's scheduler: queues, admission, block allocation, parking decisions. Pure Python (no torch),
+so every decision is unit-tested without a model; the engine carries the decisions out (copies, steps).
+
+A session's KV lives in fixed-size device blocks (``block_size`` tokens each) listed in its block table;
+memory is counted by the tokens it holds. A request reserves, when admitted, every block it will write
+(prompt and generated tokens), so a running request never waits for memory. When the free blocks do not
+cover a waiting request, idle sessions are parked (least recently used first): their blocks are copied to
+host blocks and freed once the copy has landed; a parked session's next request restores them.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+MIN_PREFILL_CHUNK = 64  # tokens: a latency bound never starves prefill below this per step
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+class BlockAllocator:
+    """Block ids ``0..n-1``, lowest first, so a fresh session's blocks tend to be contiguous."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._free = list(range(n - 1, -1, -1))
+
+    @property
+    def available(self) -> int:
+        return len(self._free)
+
+    def take(self, k: int) -> list[int]:
+        if k > len(self._free):
+            raise RuntimeError(f"{k} blocks asked, {len(self._free)} free")
+        taken = self._free[len(self._free) - k:][::-1]
+        del self._free[len(self._free) - k:]
+        return taken
+
+    def give(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+        self._free.sort(reverse=True)
+
+
+@dataclass
+class Session:
+    id: str
+    mode: str = "full_djinn"
+    history: list[int] = field(default_factory=list)
+    kv_len: int = 0                    # positions of history whose K/V are in the cache
+    blocks: list[int] = field(default_factory=list)       # device block table
+    host_blocks: Optional[list[int]] = None               # parked: the host blocks holding its KV
+    moving: Any = None                 # a copy in flight (park or restore): ``.done()`` says when it landed
+    busy: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+    temporary: bool = False            # a stateless forward's session, gone after its request
+
+    @property
+    def resident(self) -> bool:
+        return self.host_blocks is None and self.moving is None
+
+
+@dataclass
+class Request:
+    session: Session
+    pending: list[int]
+    max_new_tokens: int
+    future: Future
+    past_kv: Any = None
+    return_kv: bool = False
+    out: list[int] = field(default_factory=list)
+    logits: Any = None
+    submitted: float = field(default_factory=time.perf_counter)
+    admitted: Optional[float] = None
+    row: Optional[int] = None          # this request's row of the device block-table tensor while it runs
+    base_len: int = 0                  # the session's history before this request: restored if it fails
+    start: tuple[int, int] = (0, 0)    # (history length, kv_len) once queued: where a retry starts over
+    suspect: bool = False              # was in a step that failed: runs alone until it succeeds or fails alone
+
+    @property
+    def tokens_needed(self) -> int:
+        """Positions whose K/V this request leaves written: its history and every generated token but the last."""
+        return len(self.session.history) + max(0, self.max_new_tokens - len(self.out) - 1)
+
+    @property
+    def decoding(self) -> bool:
+        return not self.pending and self.max_new_tokens > len(self.out) > 0
+
+    @property
+    def ready(self) -> bool:
+        return self.session.moving is None
+
+
+@dataclass
+class Plan:
+    """What the engine does this iteration: start these copies, then one decode step and these prefill chunks."""
+    park: list[tuple[Session, list[int], list[int]]] = field(default_factory=list)     # (session, device, host)
+    restore: list[tuple[Session, list[int], list[int]]] = field(default_factory=list)  # (session, host, device)
+    admitted: list[Request] = field(default_factory=list)
+    decode: list[Request] = field(default_factory=list)
+    prefill: list[tuple[Request, int]] = field(default_factory=list)                   # (request, chunk tokens)
+
+
+def prefill_budget(cap: int, decoding: int, max_step_ms: float, decode_ms: float, prefill_ms_per_token: float) -> int:
+    """Prefill tokens for one step: ``cap`` when nothing decodes (throughput), else as many as keep the step
+    (a decode plus this chunk) within ``max_step_ms`` by the measured costs, never below MIN_PREFILL_CHUNK."""
+    if decoding == 0 or prefill_ms_per_token <= 0:
+        return cap
+    return max(min(cap, MIN_PREFILL_CHUNK), min(cap, int((max_step_ms - decode_ms) / prefill_ms_per_token)))
+
+
+class Scheduler:
+    def __init__(self, n_blocks: int, block_size: int, max_seq: int, max_running: int, host_blocks: int):
+        self.block_size, self.max_seq = block_size, max_seq
+        self.device = BlockAllocator(n_blocks)
+        self.rows = BlockAllocator(max_running)
+        self.host_pinned = host_blocks      # host ids below this are pinned arena blocks; above, pageable overflow
+        self.host = BlockAllocator(host_blocks)
+        self._overflow_next = host_blocks
+        self._overflow_free: list[int] = []
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.freeing = 0                    # device blocks of parks in flight
+
+    # -- capacity --------------------------------------------------------------------------
+    def fits_ever(self, tokens: int) -> bool:
+        return blocks_for(tokens, self.block_size) <= self.device.n
+
+    def take_host(self, k: int) -> list[int]:
+        """Host blocks for a park: pinned first, then pageable overflow (never refused, never pinned on demand)."""
+        pinned = self.host.take(min(k, self.host.available))
+        extra = [self._overflow_free.pop() if self._overflow_free else self._next_overflow() for _ in range(k - len(pinned))]
+        return pinned + extra
+
+    def _next_overflow(self) -> int:
+        self._overflow_next += 1
+        return self._overflow_next - 1
+
+    def give_host(self, ids: list[int]) -> None:
+        self.host.give([i for i in ids if i < self.host_pinned])
+        self._overflow_free += [i for i in ids if i >= self.host_pinned]
+
+    def trim(self, s: Session) -> None:
+        """Give back the blocks past what ``s`` holds (a finished or failed request's unused reservation)."""
+        keep = blocks_for(s.kv_len, self.block_size)
+        if s.resident and len(s.blocks) > keep:
+            self.device.give(s.blocks[keep:])
+            del s.blocks[keep:]
+
+    def free(self, s: Session) -> None:
+        """Everything ``s`` holds (its session closed); a copy in flight must have landed (the engine waits)."""
+        self.device.give(s.blocks)
+        s.blocks = []
+        if s.host_blocks is not None:
+            self.give_host(s.host_blocks)
+            s.host_blocks = None
+
+    # -- parking -----------------------------------------------------------------------------
+    def park(self, s: Session, plan: Plan) -> bool:
+        """Start parking ``s`` (resident, no request running): its device blocks free when the copy lands."""
+        if not s.resident or s.temporary:
+            return False
+        self.trim(s)
+        if not s.blocks:
+            return False
+        host = self.take_host(len(s.blocks))
+        plan.park.append((s, list(s.blocks), host))
+        s.host_blocks = host
+        self.freeing += len(s.blocks)
+        return True
+
+    def parked(self, s: Session) -> None:
+        """The park copy of ``s`` landed: its device blocks are free."""
+        s.moving = None
+        self.freeing -= len(s.blocks)
+        self.device.give(s.blocks)
+        s.blocks = []
+
+    def restored(self, s: Session) -> None:
+        """The restore copy of ``s`` landed: its host blocks are free."""
+        s.moving = None
+        self.give_host(s.host_blocks or [])
+        s.host_blocks = None
+
+    # -- one iteration -------------------------------------------------------------------------
+    def schedule(self, sessions: dict[str, Session], chunk_for: Callable[[int], int]) -> Plan:
+        """Admit what fits (parking idle sessions for room), then pick the decode batch and the prefill
+        chunks (``chunk_for(decode batch size)`` tokens in all)."""
+        plan = Plan()
+        self._admit(sessions, plan)
+        ready = [r for r in self.running if r.ready]
+        plan.decode = [r for r in ready if r.decoding]
+        budget = chunk_for(len(plan.decode))
+        for r in ready:
+            if budget <= 0:
+                break
+            if r.pending:
+                n = min(budget, len(r.pending))
+                plan.prefill.append((r, n))
+                budget -= n
+        return plan
+
+    def _admit(self, sessions: dict[str, Session], plan: Plan) -> None:
+        if any(r.suspect for r in self.running):
+            return  # a suspect of a failed step runs alone
+        suspect = next((r for r in self.waiting if r.suspect), None)
+        if suspect is not None and self.running:
+            return  # let the running requests finish first
+        admitted: list[Request] = []
+        for r in [suspect] if suspect is not None else self.waiting:
+            s = r.session
+            if s.moving is not None:
+                break  # its park is in flight: admitted (and restored) once it lands; FIFO keeps order
+            need = blocks_for(r.tokens_needed, self.block_size)
+            extra = need - (len(s.blocks) if s.host_blocks is None else 0)
+            if self.rows.available == 0 or not self._room(extra, s, sessions, plan):
+                break
+            if s.host_blocks is not None:  # parked: restore into fresh blocks, runnable once the copy lands
+                s.blocks = self.device.take(need)
+                plan.restore.append((s, list(s.host_blocks), s.blocks[:len(s.host_blocks)]))
+            elif extra > 0:
+                s.blocks += self.device.take(extra)
+            r.row = self.rows.take(1)[0]
+            admitted.append(r)
+        if admitted:
+            self.waiting = [r for r in self.waiting if r not in admitted]
+            self.running += admitted
+            plan.admitted = admitted
+
+    def _room(self, extra: int, owner: Session, sessions: dict[str, Session], plan: Plan) -> bool:
+        """True when ``extra`` blocks are free now; else park idle sessions (LRU) until the blocks in flight
+        will cover it, and wait for them."""
+        if self.device.available >= extra:
+            return True
+        short = extra - self.device.available - self.freeing
+        if short > 0:  # waiting requests' sessions count as idle: only running ones hold on to their blocks
+            running = {id(r.session) for r in self.running} | {id(owner)}
+            for victim in sorted((x for x in sessions.values() if id(x) not in running and x.resident and x.blocks),
+                                 key=lambda x: x.last_used):
+                if self.park(victim, plan):
+                    short -= len(victim.blocks)
+                if short <= 0:
+                    break
+        return False
+
+    def finish(self, r: Request) -> None:
+        """``r`` left the running set (done, failed or cancelled): its row and unused blocks go back."""
+        if r in self.running:
+            self.running.remove(r)
+        if r.row is not None:
+            self.rows.give([r.row])
+            r.row = None
+        self.trim(r.session)

@@ -1,0 +1,133 @@
+"""The scheduler's decisions, without a model: blocks by tokens held, parking, restores, rows, chunk sizes."""
+from concurrent.futures import Future
+
+from djinn.engine.scheduler import MIN_PREFILL_CHUNK, Plan, Request, Scheduler, Session, blocks_for, prefill_budget
+
+
+class Landed:
+    """A copy that has landed (the engine polls ``done``)."""
+
+    def done(self):
+        return True
+
+
+def request(s: Session, new: list[int], max_new: int) -> Request:
+    """What the engine queues for ``generate``: the new tokens join the history, pending from kv_len."""
+    s.busy = True
+    s.history += new
+    return Request(s, s.history[s.kv_len:], max_new, Future())
+
+
+def run_to_end(sched: Scheduler, r: Request) -> None:
+    """Pretend the engine ran ``r``: everything processed but the last generated token."""
+    s = r.session
+    s.history += [1] * r.max_new_tokens
+    s.kv_len = len(s.history) - 1
+    s.busy = False
+    sched.finish(r)
+
+
+def land(sched: Scheduler, plan: Plan) -> None:
+    for s, *_ in plan.park:
+        sched.parked(s)
+    for s, *_ in plan.restore:
+        sched.restored(s)
+
+
+def test_a_request_reserves_the_blocks_it_will_write_and_keeps_those_it_holds():
+    sched = Scheduler(n_blocks=100, block_size=16, max_seq=512, max_running=8, host_blocks=0)
+    s = Session("a")
+    r = request(s, list(range(40)), 10)
+    sched.waiting.append(r)
+    plan = sched.schedule({"a": s}, lambda n: 2048)
+    assert plan.admitted == [r] and len(s.blocks) == blocks_for(40 + 9, 16) == 4
+    assert plan.prefill == [(r, 40)] and plan.decode == []
+    run_to_end(sched, r)  # 49 positions in the cache: 4 blocks kept, the row back
+    assert len(s.blocks) == 4 and sched.device.available == 96 and sched.rows.available == 8
+    r2 = request(s, [5], 30)  # 50 + 29 positions: one more block, never a whole --max-seq-len slot
+    sched.waiting.append(r2)
+    sched.schedule({"a": s}, lambda n: 2048)
+    assert len(s.blocks) == 5 and s.blocks[:4] == [0, 1, 2, 3]
+
+
+def test_short_of_blocks_the_least_recently_used_idle_sessions_park_and_the_request_waits_for_them():
+    sched = Scheduler(n_blocks=10, block_size=16, max_seq=512, max_running=8, host_blocks=100)
+    sessions = {k: Session(k) for k in "abcd"}
+    for i, k in enumerate("abc"):  # three idle sessions of 3 blocks each (48 tokens), a used first
+        r = request(sessions[k], list(range(47)), 1)
+        sched.waiting.append(r)
+        sched.schedule(sessions, lambda n: 2048)
+        run_to_end(sched, r)
+        sessions[k].last_used = i
+    assert sched.device.available == 1
+    r = request(sessions["d"], list(range(60)), 20)  # needs 5 blocks: a and b must go (LRU), c stays
+    sched.waiting.append(r)
+    plan = sched.schedule(sessions, lambda n: 2048)
+    assert [p[0].id for p in plan.park] == ["a", "b"] and plan.admitted == []
+    assert sessions["c"].resident and not sessions["a"].resident
+    for s, *_ in plan.park:
+        s.moving = object()  # copies in flight: the blocks are not free yet, and nobody parks twice
+    again = sched.schedule(sessions, lambda n: 2048)
+    assert again.park == [] and again.admitted == [] and sched.device.available == 1
+    land(sched, plan)
+    plan = sched.schedule(sessions, lambda n: 2048)
+    assert plan.admitted == [r] and len(sessions["d"].blocks) == 5
+    assert sessions["a"].host_blocks is not None and sessions["a"].blocks == []
+
+
+def test_a_parked_session_is_restored_into_fresh_blocks_and_runs_once_the_copy_lands():
+    sched = Scheduler(n_blocks=8, block_size=16, max_seq=512, max_running=8, host_blocks=2)
+    a, b = Session("a"), Session("b")
+    sessions = {"a": a, "b": b}
+    r = request(a, list(range(47)), 1)
+    sched.waiting.append(r)
+    sched.schedule(sessions, lambda n: 2048)
+    run_to_end(sched, r)
+    park = Plan()
+    assert sched.park(a, park) and park.park[0][1] == [0, 1, 2]
+    assert park.park[0][2][:2] == [0, 1] and park.park[0][2][2] >= 2  # arena full: pageable overflow, never refused
+    a.moving = object()
+    land(sched, park)
+    rb = request(b, list(range(100)), 1)  # b takes 7 blocks, a's old ones among them
+    sched.waiting.append(rb)
+    sched.schedule(sessions, lambda n: 2048)
+    ra = request(a, [9], 5)
+    sched.waiting.append(ra)
+    plan = sched.schedule(sessions, lambda n: 2048)
+    assert plan.admitted == [] and plan.park == []  # b is running: never parked; a waits for blocks
+    run_to_end(sched, rb)
+    plan = sched.schedule(sessions, lambda n: 2048)
+    assert [p[0].id for p in plan.park] == ["b"] and plan.admitted == []  # b idle now: parked for a
+    b.moving = object()
+    land(sched, plan)
+    plan = sched.schedule(sessions, lambda n: 2048)
+    assert plan.admitted == [ra] and plan.restore[0][0] is a
+    assert plan.restore[0][2] == a.blocks[:3] and len(a.blocks) == blocks_for(48 + 1 + 4, 16)
+    a.moving = object()
+    assert not ra.ready and sched.schedule(sessions, lambda n: 2048).prefill == []  # the copy has not landed
+    land(sched, plan)
+    assert ra.ready and a.host_blocks is None and sched.host.available == 2
+    assert sched.schedule(sessions, lambda n: 2048).prefill == [(ra, 2)]
+
+
+def test_rows_bound_the_running_requests_and_a_waiting_request_waits_in_order():
+    sched = Scheduler(n_blocks=100, block_size=16, max_seq=512, max_running=2, host_blocks=0)
+    sessions = {k: Session(k) for k in "abc"}
+    rs = [request(sessions[k], [1, 2, 3], 4) for k in "abc"]
+    sched.waiting += rs
+    plan = sched.schedule(sessions, lambda n: 2048)
+    assert plan.admitted == rs[:2] and sched.waiting == rs[2:]
+    run_to_end(sched, rs[0])
+    assert sched.schedule(sessions, lambda n: 2048).admitted == rs[2:]
+
+
+def test_prefill_chunks_follow_the_budget_and_the_step_bound():
+    sched = Scheduler(n_blocks=100, block_size=16, max_seq=512, max_running=8, host_blocks=0)
+    sessions = {k: Session(k) for k in "ab"}
+    ra, rb = request(sessions["a"], list(range(300)), 2), request(sessions["b"], list(range(100)), 2)
+    sched.waiting += [ra, rb]
+    assert sched.schedule(sessions, lambda n: 256).prefill == [(ra, 256)]
+    assert prefill_budget(2048, 0, 100, 30, 0.01) == 2048  # nothing decodes: throughput
+    assert prefill_budget(2048, 64, 100, 30, 0.05) == 1400  # (100 - 30) ms at 0.05 ms a token
+    assert prefill_budget(2048, 64, 100, 120, 0.05) == MIN_PREFILL_CHUNK  # decode alone is over: never starve
+    assert prefill_budget(2048, 64, 100, 30, 0.0) == 2048  # not measured yet
