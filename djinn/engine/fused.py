@@ -146,6 +146,7 @@ class FusedLlamaDecode:
         residual = self.embed(tokens)
         h = _add_rmsnorm(residual, None, self.layers[0].input_layernorm.weight, self.eps[0][0])
         lengths = positions + 1
+        splits = self.net.splits(B, tables, kv.shape[4])
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             qkv = F.linear(h, self.w_qkv[li])
@@ -156,7 +157,7 @@ class FusedLlamaDecode:
                                              q.stride(0), k.stride(0), v.stride(0),
                                              kc.stride(0), kc.stride(1), kc.stride(2), tables.stride(0),
                                              H=H, D=D, BS=kc.shape[2])
-            o = triton_paged_decode_attention(q_rot, kc, vc, tables, rows, lengths, self.net.scale)
+            o = triton_paged_decode_attention(q_rot, kc, vc, tables, rows, lengths, self.net.scale, splits=splits)
             h = _add_rmsnorm(residual, F.linear(o, attn.o_proj.weight), layer.post_attention_layernorm.weight,
                              self.eps[li][1])
             mlp = layer.mlp

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from djinn.engine.attention import (SDPA_BACKENDS, gather_positions, torch_paged_decode_attention,
+from djinn.engine.attention import (SDPA_BACKENDS, decode_splits, gather_positions, torch_paged_decode_attention,
                                     triton_paged_decode_attention, triton_supported)
 
 
@@ -62,6 +62,7 @@ class PagedTransformer:
             self.rope_table = (cos[0], sin[0])
         self.use_triton = False
         self.fused = None
+        self.sms = 132
 
     # -- per-family pieces ---------------------------------------------------
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -168,16 +169,22 @@ class PagedTransformer:
                 kc[blocks, :, offsets] = k
                 vc[blocks, :, offsets] = v
                 if self.use_triton:
-                    return triton_paged_decode_attention(q, kc, vc, tables, rows, lengths, self.scale)
+                    return triton_paged_decode_attention(q, kc, vc, tables, rows, lengths, self.scale,
+                                                         splits=self.splits(len(rows), tables, bs))
                 return torch_paged_decode_attention(q, kc, vc, tables, rows, lengths, self.scale, span)
 
             x = self._layer(layer, x, rope, attend)
         return self._logits(x)
+
+    def splits(self, batch: int, tables: torch.Tensor, block_size: int) -> int:
+        """How many programs share one row's positions in decode attention (static per batch size)."""
+        return decode_splits(batch, self.shape.n_heads, tables.shape[1] * block_size, self.sms, block_size)
 
     def enable_triton(self, probe: torch.Tensor) -> bool:
         """Use the in-place Triton attention when it runs on ``probe``'s device."""
         from djinn.engine.fused import FusedLlamaDecode
 
         self.use_triton = triton_supported(probe, self.shape.head_dim)
+        self.sms = torch.cuda.get_device_properties(probe.device).multi_processor_count if probe.is_cuda else 132
         self.fused = FusedLlamaDecode(self) if self.use_triton and FusedLlamaDecode.supported(self) else None
         return self.use_triton
