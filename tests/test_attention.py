@@ -50,11 +50,12 @@ assert greedy(lm16.model, list(range(10, 30)), 5) == ref  # HF's forward still w
 cache.set_rows([0, 2], [[9, 3, 12, 5], [1, 14, 7, 0]])
 rows = torch.tensor([0, 2])
 prompt = torch.tensor([[5, 9, 2, 8, 1, 3, 3, 7, 4, 6], [7, 1, 1, 4, 2, 9, 8, 5, 3, 2]])
-logits = net.prefill(cache.kv, cache.tables, rows, prompt, torch.tensor([0, 0]), 10)
+logits = net.prefill(cache.kv, cache.tables, rows, prompt, torch.tensor([0, 0]), torch.tensor([10, 10]), 10, False)
 with torch.inference_mode():
     hf = lm16.model(prompt).logits[:, -1]
 assert torch.equal(logits, hf), (logits - hf).abs().max()
-more = net.prefill(cache.kv, cache.tables, rows, torch.tensor([[11, 12, 13], [14, 15, 16]]), torch.tensor([10, 10]), 13)
+more = net.prefill(cache.kv, cache.tables, rows, torch.tensor([[11, 12, 13], [14, 15, 16]]), torch.tensor([10, 10]),
+                   torch.tensor([3, 3]), 13, True)
 with torch.inference_mode():
     hf = lm16.model(torch.cat([prompt, torch.tensor([[11, 12, 13], [14, 15, 16]])], 1)).logits[:, -1]
 assert (more - hf).abs().max() < 2e-2  # a cached prefix: same math, another reduction order

@@ -152,3 +152,20 @@ def test_a_cancelled_request_frees_its_session(engine, tiny_llama):
         time.sleep(0.01)
     assert not engine.sessions[s.id].busy and engine.sessions[s.id].history == []
     assert engine.generate(s.id, PROMPTS[0], 4).result(timeout=30).tokens == hf_greedy(tiny_llama.model, PROMPTS[0], 4)
+
+
+def test_prompts_of_unequal_length_and_start_share_a_padded_prefill_exactly(engine, tiny_llama, monkeypatch):
+    calls = []
+    prefill = engine.runner.prefill
+    monkeypatch.setattr(engine.runner, "prefill", lambda rows, chunks, starts: calls.append(
+        [len(c) for c in chunks]) or prefill(rows, chunks, starts))
+    a, b, c = (engine.open_session().result() for _ in range(3))
+    first = {a.id: engine.generate(a.id, PROMPTS[0], 4).result().tokens,
+             c.id: engine.generate(c.id, PROMPTS[1], 4).result().tokens}
+    calls.clear()
+    new = {a.id: [5, 6, 7], b.id: list(range(60, 70)), c.id: list(range(80, 92))}
+    futures = [engine.call(time.sleep, 0.3)] + [engine.generate(s, t, 6) for s, t in new.items()]  # one drain
+    outs = [f.result(timeout=30) for f in futures][1:]
+    full = {a.id: PROMPTS[0] + first[a.id] + new[a.id], b.id: new[b.id], c.id: PROMPTS[1] + first[c.id] + new[c.id]}
+    assert [o.tokens for o in outs] == [hf_greedy(tiny_llama.model, full[s], 6) for s in new]
+    assert any(len(set(lens)) > 1 for lens in calls)  # rows of different lengths (and starts) in one call

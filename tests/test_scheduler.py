@@ -1,7 +1,8 @@
 """The scheduler's decisions, without a model: blocks by tokens held, parking, restores, rows, chunk sizes."""
 from concurrent.futures import Future
 
-from djinn.engine.scheduler import MIN_PREFILL_CHUNK, Plan, Request, Scheduler, Session, blocks_for, prefill_budget
+from djinn.engine.scheduler import (MIN_PREFILL_CHUNK, Plan, Request, Scheduler, Session, blocks_for, pad_groups,
+                                    prefill_budget)
 
 
 class Landed:
@@ -131,3 +132,20 @@ def test_prefill_chunks_follow_the_budget_and_the_step_bound():
     assert prefill_budget(2048, 64, 100, 30, 0.05) == 1400  # (100 - 30) ms at 0.05 ms a token
     assert prefill_budget(2048, 64, 100, 120, 0.05) == MIN_PREFILL_CHUNK  # decode alone is over: never starve
     assert prefill_budget(2048, 64, 100, 30, 0.0) == 2048  # not measured yet
+
+
+def test_whole_prompts_fill_a_step_before_one_is_cut():
+    sched = Scheduler(n_blocks=100, block_size=16, max_seq=512, max_running=8, host_blocks=0)
+    sessions = {k: Session(k) for k in "abc"}
+    rs = [request(sessions[k], list(range(72)), 2) for k in "abc"]
+    sched.waiting += rs
+    assert sched.schedule(sessions, lambda n: 200).prefill == [(rs[0], 72), (rs[1], 72)]  # not 72 + 72 + 56
+    assert sched.schedule(sessions, lambda n: 100).prefill == [(rs[0], 72)]
+    assert sched.schedule(sessions, lambda n: 50).prefill == [(rs[0], 50)]  # alone, a prompt is cut to fit
+
+
+def test_padded_prefill_groups_bound_the_padding():
+    assert pad_groups([72, 72, 72]) == [[0, 1, 2]]
+    assert pad_groups([18, 20, 72, 70]) == [[0, 1], [3, 2]]  # 18 + 20 padded to 40 <= 1.25 x 38
+    assert pad_groups([3, 100]) == [[0], [1]]
+    assert sorted(i for g in pad_groups([5, 9, 1, 300, 7, 8]) for i in g) == list(range(6))

@@ -22,13 +22,14 @@ import torch
 
 from djinn.engine.kv_cache import PagedKVCache, block_bytes
 from djinn.engine.model_runner import ModelRunner
-from djinn.engine.scheduler import Plan, Request, Scheduler, Session, blocks_for, prefill_budget
+from djinn.engine.scheduler import Plan, Request, Scheduler, Session, blocks_for, pad_groups, prefill_budget
 from djinn.engine.transformer import PagedTransformer
 
 log = logging.getLogger("djinn.engine")
 
 MODES = ("full_djinn", "partially_aware", "semantic_blind")
 EMA = 0.2  # weight of the newest step in the measured step costs
+COSTED_PREFILL = 512  # prefill calls of at least this many tokens measure the per-token cost
 
 
 class EngineError(RuntimeError):
@@ -343,21 +344,24 @@ class Engine:
         self.stats["tokens_generated"] += len(batch)
 
     def _prefill_step(self, chunks: list[tuple[Request, int]]) -> None:
-        """The plan's prompt chunks; chunks of one length run as one batch."""
-        groups: dict[int, list[tuple[Request, list[int]]]] = {}
+        """The plan's prompt chunks, in as few padded calls as ``pad_groups`` allows."""
+        items = []
         for r, n in chunks:
             chunk, r.pending = r.pending[:n], r.pending[n:]
-            groups.setdefault(n, []).append((r, chunk))
-        for length, items in groups.items():
+            items.append((r, chunk))
+        for group in pad_groups([len(c) for _, c in items]):
+            batch = [items[i] for i in group]
+            tokens = sum(len(c) for _, c in batch)
             t0 = time.perf_counter()
-            logits = self.runner.prefill([r.row for r, _ in items], [c for _, c in items],
-                                         [r.session.kv_len for r, _ in items])
+            logits = self.runner.prefill([r.row for r, _ in batch], [c for _, c in batch],
+                                         [r.session.kv_len for r, _ in batch])
             firsts = logits.argmax(-1).tolist()
-            self._measured("prefill_ms_per_token", (time.perf_counter() - t0) * 1e3 / (length * len(items)))
-            for (r, _), row, t in zip(items, logits, firsts):
+            if tokens >= COSTED_PREFILL:  # smaller calls are dominated by reading the weights, not by tokens
+                self._measured("prefill_ms_per_token", (time.perf_counter() - t0) * 1e3 / tokens)
+            for (r, chunk), row, t in zip(batch, logits, firsts):
                 s = r.session
-                s.kv_len += length
-                self.stats["tokens_prefilled"] += length
+                s.kv_len += len(chunk)
+                self.stats["tokens_prefilled"] += len(chunk)
                 if not r.pending:
                     r.logits = row
                     if r.max_new_tokens > 0:

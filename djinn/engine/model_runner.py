@@ -87,8 +87,11 @@ class ModelRunner:
         return result[:n].tolist()
 
     def prefill(self, rows: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
-        """Chunks of one length for ``rows`` at positions from ``starts``: last-position logits [B, V]."""
+        """Chunks (padded to the longest) for ``rows`` at positions from ``starts``: last-position logits [B, V]."""
         dev = self.cache.device
+        lens = [len(c) for c in chunks]
+        width = max(lens)
+        padded = [c + [0] * (width - len(c)) for c in chunks]
         return self.net.prefill(self.cache.kv, self.cache.tables, torch.tensor(rows, device=dev),
-                                torch.tensor(chunks, device=dev), torch.tensor(starts, device=dev),
-                                max(starts) + len(chunks[0]))
+                                torch.tensor(padded, device=dev), torch.tensor(starts, device=dev),
+                                torch.tensor(lens, device=dev), max(s + n for s, n in zip(starts, lens)), max(starts) > 0)

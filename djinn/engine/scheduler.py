@@ -14,7 +14,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-MIN_PREFILL_CHUNK = 64  # tokens: a latency bound never starves prefill below this per step
+MIN_PREFILL_CHUNK = 64   # tokens: a latency bound never starves prefill below this per step
+MIN_SPLIT = 256          # a prompt is cut to fill a step's budget only if at least this much of it fits
+PAD_SLACK = 1.25         # prefill rows of unequal length share one padded call while padding adds at most 25%
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -44,7 +46,7 @@ class BlockAllocator:
         self._free.sort(reverse=True)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: queues are searched by object, never by value
 class Session:
     id: str
     mode: str = "full_djinn"
@@ -62,7 +64,7 @@ class Session:
         return self.host_blocks is None and self.moving is None
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     session: Session
     pending: list[int]
@@ -109,6 +111,22 @@ def prefill_budget(cap: int, decoding: int, max_step_ms: float, decode_ms: float
     if decoding == 0 or prefill_ms_per_token <= 0:
         return cap
     return max(min(cap, MIN_PREFILL_CHUNK), min(cap, int((max_step_ms - decode_ms) / prefill_ms_per_token)))
+
+
+def pad_groups(lengths: list[int], slack: float = PAD_SLACK) -> list[list[int]]:
+    """Indices of ``lengths`` grouped for padded prefill calls: sorted by length, a group grows while its
+    padded size (rows x longest) stays within ``slack`` times its real tokens. Every call reads all the
+    weights once, so fewer calls win until padding costs more than a call."""
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= slack * (real + lengths[i]):
+            groups[-1].append(i)
+            real += lengths[i]
+        else:
+            groups.append([i])
+            real = lengths[i]
+    return groups
 
 
 class Scheduler:
@@ -193,11 +211,13 @@ class Scheduler:
         ready = [r for r in self.running if r.ready]
         plan.decode = [r for r in ready if r.decoding]
         budget = chunk_for(len(plan.decode))
-        for r in ready:
+        for r in ready:  # whole prompts first: a cut prompt costs another call with its own weight read
             if budget <= 0:
                 break
             if r.pending:
                 n = min(budget, len(r.pending))
+                if n < len(r.pending) and plan.prefill and n < MIN_SPLIT:
+                    break
                 plan.prefill.append((r, n))
                 budget -= n
         return plan

@@ -112,18 +112,22 @@ class PagedTransformer:
     # ``kv`` is the paged cache [blocks, layers, 2, kv_heads, block_size, head_dim]; request b's positions
     # live in the blocks listed by ``tables[rows[b]]`` (see djinn.engine.kv_cache).
     @torch.inference_mode()
-    def prefill(self, kv, tables, rows: torch.Tensor, tokens: torch.Tensor, starts: torch.Tensor, end: int) -> torch.Tensor:
-        """Process ``tokens`` [B, T] of B requests at positions ``starts[b]..starts[b]+T-1`` (one chunk length
-        T for the group, ``end`` = max(starts) + T); returns the last position's logits [B, V]."""
+    def prefill(self, kv, tables, rows: torch.Tensor, tokens: torch.Tensor, starts: torch.Tensor,
+                lens: torch.Tensor, end: int, prefix: bool) -> torch.Tensor:
+        """Process row b's ``lens[b]`` tokens (``tokens`` [B, T], padded at the end) at positions
+        ``starts[b]..``; ``end`` = max(starts + lens); ``prefix``: some row starts past 0 and attends to its
+        cache through the tables. Padding writes only to the scratch block (the last one). Returns each
+        row's last real position's logits [B, V]."""
         B, T = tokens.shape
         bs = kv.shape[4]
-        positions = starts[:, None] + torch.arange(T, device=tokens.device)  # [B, T]
+        steps = torch.arange(T, device=tokens.device)
+        valid = steps[None, :] < lens[:, None]
+        positions = torch.where(valid, starts[:, None] + steps, starts[:, None])  # [B, T]
         flat = positions.reshape(-1)
         x = self._embed(tokens.reshape(-1), flat)
         rope = self._rope(flat)
-        blocks = torch.gather(tables[rows].long(), 1, positions // bs)  # [B, T]
+        blocks = torch.gather(tables[rows].long(), 1, positions // bs).masked_fill(~valid, kv.shape[0] - 1)
         offsets = positions % bs
-        prefix = end > T  # some row continues a cached prefix: attend through the tables
         mask = (torch.arange(end, device=tokens.device)[None, None, :] <= positions[:, :, None]).unsqueeze(1)
 
         for li, layer in enumerate(self._layers()):
@@ -138,13 +142,13 @@ class PagedTransformer:
                     kk, vv = gather_positions(kc, tables, rows, end), gather_positions(vc, tables, rows, end)
                     o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=self.scale,
                                                        enable_gqa=kk.shape[1] != qq.shape[1])
-                else:
+                else:  # every row starts at 0: causal within the chunk (padding sits after the real tokens)
                     o = F.scaled_dot_product_attention(qq, k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                                        scale=self.scale, enable_gqa=k.shape[2] != qq.shape[1])
                 return o.transpose(1, 2).reshape(B * T, -1)
 
             x = self._layer(layer, x, rope, attend)
-        return self._logits(x.view(B, T, -1)[:, -1])
+        return self._logits(x.view(B, T, -1)[torch.arange(B, device=x.device), lens - 1])
 
     @torch.inference_mode()
     def decode(self, kv, tables, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
