@@ -149,3 +149,52 @@ def test_padded_prefill_groups_bound_the_padding():
     assert pad_groups([18, 20, 72, 70]) == [[0, 1], [3, 2]]  # 18 + 20 padded to 40 <= 1.25 x 38
     assert pad_groups([3, 100]) == [[0], [1]]
     assert sorted(i for g in pad_groups([5, 9, 1, 300, 7, 8]) for i in g) == list(range(6))
+
+
+def test_queued_sessions_are_not_parked_while_others_run_and_cheaper_requests_go_ahead():
+    """The thrash a wave of parked sessions caused: parking sessions whose requests wait only to restore
+    them next. Now idle sessions park first, a request that does not fit lets cheaper ones pass, and
+    queued sessions park only when nothing else can move."""
+    sched = Scheduler(n_blocks=15, block_size=16, max_seq=512, max_running=8, host_blocks=100)
+    sessions = {k: Session(k) for k in "abcd"}
+    for k in "abc":  # three sessions of 3 blocks, then c parked
+        r = request(sessions[k], list(range(47)), 1)
+        sched.waiting.append(r)
+        sched.schedule(sessions, lambda n: 2048)
+        run_to_end(sched, r)
+    plan = Plan()
+    sched.park(sessions["c"], plan)
+    land(sched, plan)
+    rd = request(sessions["d"], list(range(100)), 20)  # 8 blocks: runs, 1 left free
+    sched.waiting.append(rd)
+    sched.schedule(sessions, lambda n: 2048)
+    rc = request(sessions["c"], [1], 10)  # parked, needs 4 blocks: does not fit
+    ra = request(sessions["a"], [1], 10)  # resident, needs 1 more block: fits
+    rb = request(sessions["b"], [1], 10)
+    sched.waiting += [rc, ra, rb]
+    plan = sched.schedule(sessions, lambda n: 2048)
+    assert plan.park == [] and plan.admitted == [ra]  # a and b are queued: not parked for c
+    run_to_end(sched, rd)
+    run_to_end(sched, ra)
+    sessions["d"].last_used = -1.0
+    plan = sched.schedule(sessions, lambda n: 2048)
+    assert [p[0].id for p in plan.park] == ["d"]  # d went idle: it parks (LRU among the idle), c waits for it
+    land(sched, plan)
+    assert sched.schedule(sessions, lambda n: 2048).admitted == [rc, rb]
+
+
+def test_with_nothing_running_queued_sessions_park_from_the_back_so_the_head_gets_in():
+    sched = Scheduler(n_blocks=6, block_size=16, max_seq=512, max_running=8, host_blocks=100)
+    sessions = {k: Session(k) for k in "abc"}
+    for k in "bc":
+        r = request(sessions[k], list(range(47)), 1)
+        sched.waiting.append(r)
+        sched.schedule(sessions, lambda n: 2048)
+        run_to_end(sched, r)
+    ra = request(sessions["a"], list(range(60)), 10)  # 5 blocks, 0 free; b and c queued behind it
+    rb, rc = request(sessions["b"], [1], 2), request(sessions["c"], [1], 2)
+    sched.waiting += [ra, rb, rc]
+    plan = sched.schedule(sessions, lambda n: 2048)
+    assert [p[0].id for p in plan.park] == ["c", "b"] and plan.admitted == []
+    land(sched, plan)
+    assert sched.schedule(sessions, lambda n: 2048).admitted == [ra]

@@ -223,20 +223,31 @@ class Scheduler:
         return plan
 
     def _admit(self, sessions: dict[str, Session], plan: Plan) -> None:
+        """First fit in arrival order. Short of blocks, idle sessions (no request queued or running) park,
+        least recently used first; a request that still does not fit waits while later, cheaper ones (a
+        resident session's few new blocks) go ahead. Only when nothing runs and nothing is in flight do
+        queued sessions park, from the back of the queue, so the head always gets in."""
         if any(r.suspect for r in self.running):
             return  # a suspect of a failed step runs alone
         suspect = next((r for r in self.waiting if r.suspect), None)
         if suspect is not None and self.running:
             return  # let the running requests finish first
+        queued = {id(r.session) for r in self.waiting + self.running}
+        idle = sorted((x for x in sessions.values() if id(x) not in queued and x.resident and x.blocks),
+                      key=lambda x: x.last_used, reverse=True)  # pop() gives the least recently used
         admitted: list[Request] = []
         for r in [suspect] if suspect is not None else self.waiting:
+            if self.rows.available == 0:
+                break
             s = r.session
             if s.moving is not None:
-                break  # its park is in flight: admitted (and restored) once it lands; FIFO keeps order
+                continue  # its park is in flight: admitted (and restored) once it lands
             need = blocks_for(r.tokens_needed, self.block_size)
             extra = need - (len(s.blocks) if s.host_blocks is None else 0)
-            if self.rows.available == 0 or not self._room(extra, s, sessions, plan):
-                break
+            while self.device.available + self.freeing < extra and idle:
+                self.park(idle.pop(), plan)
+            if self.device.available < extra:
+                continue
             if s.host_blocks is not None:  # parked: restore into fresh blocks, runnable once the copy lands
                 s.blocks = self.device.take(need)
                 plan.restore.append((s, list(s.host_blocks), s.blocks[:len(s.host_blocks)]))
@@ -245,25 +256,26 @@ class Scheduler:
             r.row = self.rows.take(1)[0]
             admitted.append(r)
         if admitted:
-            self.waiting = [r for r in self.waiting if r not in admitted]
+            taken = {id(r) for r in admitted}
+            self.waiting = [r for r in self.waiting if id(r) not in taken]
             self.running += admitted
             plan.admitted = admitted
+        elif self.waiting and not self.running and not self.freeing:
+            self._unblock(plan)
 
-    def _room(self, extra: int, owner: Session, sessions: dict[str, Session], plan: Plan) -> bool:
-        """True when ``extra`` blocks are free now; else park idle sessions (LRU) until the blocks in flight
-        will cover it, and wait for them."""
-        if self.device.available >= extra:
-            return True
-        short = extra - self.device.available - self.freeing
-        if short > 0:  # waiting requests' sessions count as idle: only running ones hold on to their blocks
-            running = {id(r.session) for r in self.running} | {id(owner)}
-            for victim in sorted((x for x in sessions.values() if id(x) not in running and x.resident and x.blocks),
-                                 key=lambda x: x.last_used):
-                if self.park(victim, plan):
-                    short -= len(victim.blocks)
-                if short <= 0:
-                    break
-        return False
+    def _unblock(self, plan: Plan) -> None:
+        """Nothing runs and nothing lands, yet the head request does not fit: its queue-mates' sessions
+        park, from the back of the queue, until it will."""
+        head = next((r for r in self.waiting if r.session.moving is None), None)
+        if head is None:
+            return
+        s = head.session
+        extra = blocks_for(head.tokens_needed, self.block_size) - (len(s.blocks) if s.host_blocks is None else 0)
+        for r in reversed(self.waiting):
+            if self.device.available + self.freeing >= extra:
+                break
+            if r.session is not s:
+                self.park(r.session, plan)
 
     def finish(self, r: Request) -> None:
         """``r`` left the running set (done, failed or cancelled): its row and unused blocks go back."""
