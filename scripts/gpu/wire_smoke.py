@@ -58,8 +58,12 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--log", default="/tmp/wire-server.log")
     args = p.parse_args()
-    report: dict = {"model_id": args.model_id, "server_flags": "defaults (+ --host 127.0.0.1, free ports)"}
-    server = LocalServer(ServerConfig(model_id=args.model_id, weights="synthetic", device="cuda"), log_path=args.log)
+    report: dict = {"model_id": args.model_id,
+                    "server_flags": "defaults (+ --host 127.0.0.1, free ports, --max-concurrent 2 x the largest wave)"}
+    # default flags, but admission for every agent of the largest wave, as the experiment sizes it
+    config = ServerConfig(model_id=args.model_id, weights="synthetic", device="cuda",
+                          max_concurrent=max(ServerConfig().max_concurrent, 2 * max(args.agents)))
+    server = LocalServer(config, log_path=args.log)
     t0 = time.perf_counter()
     server.start(timeout=600)
     report["start_s"] = time.perf_counter() - t0
