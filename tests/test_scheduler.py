@@ -198,3 +198,20 @@ def test_with_nothing_running_queued_sessions_park_from_the_back_so_the_head_get
     assert [p[0].id for p in plan.park] == ["c", "b"] and plan.admitted == []
     land(sched, plan)
     assert sched.schedule(sessions, lambda n: 2048).admitted == [ra]
+
+
+def test_one_pass_parks_for_every_waiting_request_so_one_landing_admits_them_all():
+    sched = Scheduler(n_blocks=12, block_size=16, max_seq=512, max_running=8, host_blocks=100)
+    sessions = {k: Session(k) for k in "abcdef"}
+    for i, k in enumerate("abcd"):  # four idle sessions of 3 blocks: the cache is full
+        r = request(sessions[k], list(range(47)), 1)
+        sched.waiting.append(r)
+        sched.schedule(sessions, lambda n: 2048)
+        run_to_end(sched, r)
+        sessions[k].last_used = i
+    re_, rf = request(sessions["e"], list(range(40)), 9), request(sessions["f"], list(range(40)), 9)  # 3 blocks each
+    sched.waiting += [re_, rf]
+    plan = sched.schedule(sessions, lambda n: 2048)
+    assert [p[0].id for p in plan.park] == ["a", "b"]  # not only a (for e), waiting a step to park b (for f)
+    land(sched, plan)
+    assert sched.schedule(sessions, lambda n: 2048).admitted == [re_, rf]

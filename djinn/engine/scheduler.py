@@ -233,6 +233,7 @@ class Scheduler:
         if suspect is not None and self.running:
             return  # let the running requests finish first
         idle: Optional[list[Session]] = None  # built at the first shortfall: sorting every session costs
+        pledged = 0  # blocks in flight already counted on by earlier requests of this pass
         admitted: list[Request] = []
         for r in [suspect] if suspect is not None else self.waiting:
             if self.rows.available == 0:
@@ -242,15 +243,19 @@ class Scheduler:
                 continue  # its park is in flight: admitted (and restored) once it lands
             need = blocks_for(r.tokens_needed, self.block_size)
             extra = need - (len(s.blocks) if s.host_blocks is None else 0)
-            if self.device.available + self.freeing < extra and idle is None:
-                queued = {id(x.session) for x in self.waiting + self.running}
-                idle = sorted((x for x in sessions.values() if id(x) not in queued and x.resident and x.blocks),
-                              key=lambda x: x.last_used, reverse=True)  # pop() gives the least recently used
-            while self.device.available + self.freeing < extra and idle:
-                self.park(idle.pop(), plan)
-            if self.device.available < extra:
-                if self.device.available == 0 and idle == []:
-                    break  # nothing frees before a copy lands or a request ends
+            if self.device.available >= extra:
+                pass
+            else:  # park for every waiting request at once: one landing admits them all, not one per step
+                if idle is None:
+                    queued = {id(x.session) for x in self.waiting + self.running}
+                    idle = sorted((x for x in sessions.values() if id(x) not in queued and x.resident and x.blocks),
+                                  key=lambda x: x.last_used, reverse=True)  # pop() gives the least recently used
+                while self.device.available + self.freeing - pledged < extra and idle:
+                    self.park(idle.pop(), plan)
+                if self.device.available + self.freeing - pledged >= extra:
+                    pledged += extra
+                elif self.device.available == 0 and not idle:
+                    break  # nothing more frees before a copy lands or a request ends
                 continue
             if s.host_blocks is not None:  # parked: restore into fresh blocks, runnable once the copy lands
                 s.blocks = self.device.take(need)
