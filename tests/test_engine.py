@@ -169,3 +169,9 @@ def test_prompts_of_unequal_length_and_start_share_a_padded_prefill_exactly(engi
     full = {a.id: PROMPTS[0] + first[a.id] + new[a.id], b.id: new[b.id], c.id: PROMPTS[1] + first[c.id] + new[c.id]}
     assert [o.tokens for o in outs] == [hf_greedy(tiny_llama.model, full[s], 6) for s in new]
     assert any(len(set(lens)) > 1 for lens in calls)  # rows of different lengths (and starts) in one call
+
+
+def test_a_lone_decode_runs_several_steps_per_host_round_trip_and_stays_exact(engine, tiny_llama):
+    s = engine.open_session().result()
+    assert engine.generate(s.id, PROMPTS[0], 40).result(timeout=30).tokens == hf_greedy(tiny_llama.model, PROMPTS[0], 40)
+    assert engine.stats["decode_steps"] == 39 and engine.stats["decode_calls"] < 20

@@ -121,7 +121,8 @@ def agents_round(engine, n: int, prompt: list[int], observation: list[int], new_
         row[f"{phase.lower()}_p50_ms"] = percentile(xs, 50)
         row[f"{phase.lower()}_p99_ms"] = percentile(xs, 99)
     row["reason_tokens_per_s"] = n * new_tokens / (reason_window[1] - reason_window[0])
-    for key in ("admit_ms", "decode_ms", "prefill_ms", "decode_steps", "tokens_prefilled"):
+    for key in ("admit_ms", "decode_ms", "prefill_ms", "decode_steps", "decode_calls", "prefill_calls",
+                "tokens_prefilled"):
         row[key] = engine.stats[key] - stats0[key]
     row["parks"] = engine.stats["parks"] - stats0["parks"]
     row["restores"] = engine.stats["restores"] - stats0["restores"]

@@ -30,6 +30,7 @@ log = logging.getLogger("djinn.engine")
 MODES = ("full_djinn", "partially_aware", "semantic_blind")
 EMA = 0.2  # weight of the newest step in the measured step costs
 COSTED_PREFILL = 512  # prefill calls of at least this many tokens measure the per-token cost
+MAX_LOOKAHEAD = 8     # decode steps replayed per host round trip when nothing else waits
 
 
 class EngineError(RuntimeError):
@@ -82,7 +83,8 @@ class Engine:
         self.sessions: dict[str, Session] = {}
         self._moving: list[tuple[Session, str]] = []  # copies in flight: (session, "park" | "restore")
         self._cost = {"decode_ms": 0.0, "prefill_ms_per_token": 0.0}  # measured, for prefill_budget
-        self.stats = {"requests": 0, "tokens_generated": 0, "tokens_prefilled": 0, "decode_steps": 0,
+        self.stats = {"requests": 0, "tokens_generated": 0, "tokens_prefilled": 0, "decode_steps": 0, "decode_calls": 0,
+                      "prefill_calls": 0,
                       "decode_batch_tokens": 0, "parks": 0, "restores": 0, "reused_sessions": 0,
                       "admit_ms": 0.0, "decode_ms": 0.0, "prefill_ms": 0.0}
         self._inbox: queue.Queue = queue.Queue()
@@ -328,20 +330,30 @@ class Engine:
         self.stats["requests"] += 1
         _settle(r.future, res)
 
-    def _decode_step(self, batch: list[Request]) -> None:
+    def _lookahead(self, batch: list[Request], plan: Plan) -> int:
+        """Decode steps to run in one host round trip: several only when nothing else waits for the loop
+        (no admission, prefill or copy), within ``max_step_ms`` and no further than any row's last token."""
+        if plan.prefill or self.sched.waiting or self._moving or not self._cost["decode_ms"]:
+            return 1
+        fit = int(self.max_step_ms // self._cost["decode_ms"])
+        return max(1, min(MAX_LOOKAHEAD, fit, *(r.max_new_tokens - len(r.out) for r in batch)))
+
+    def _decode_step(self, batch: list[Request], steps: int = 1) -> None:
         if not batch:
             return
         t0 = time.perf_counter()
-        nxt = self.runner.decode([r.row for r in batch], [r.session.history[r.session.kv_len] for r in batch],
-                                 [r.session.kv_len for r in batch])
-        self._measured("decode_ms", (time.perf_counter() - t0) * 1e3)  # the tokens' readback waited for the step
-        for r, t in zip(batch, nxt):
-            r.session.kv_len += 1
-            r.out.append(t)
-            r.session.history.append(t)
-        self.stats["decode_steps"] += 1
-        self.stats["decode_batch_tokens"] += len(batch)
-        self.stats["tokens_generated"] += len(batch)
+        outs = self.runner.decode([r.row for r in batch], [r.session.history[r.session.kv_len] for r in batch],
+                                  [r.session.kv_len for r in batch], steps)
+        self._measured("decode_ms", (time.perf_counter() - t0) * 1e3 / steps)  # the readback waited for the steps
+        for nxt in outs:
+            for r, t in zip(batch, nxt):
+                r.session.kv_len += 1
+                r.out.append(t)
+                r.session.history.append(t)
+        self.stats["decode_steps"] += steps
+        self.stats["decode_calls"] += 1
+        self.stats["decode_batch_tokens"] += len(batch) * steps
+        self.stats["tokens_generated"] += len(batch) * steps
 
     def _prefill_step(self, chunks: list[tuple[Request, int]]) -> None:
         """The plan's prompt chunks, in as few padded calls as ``pad_groups`` allows."""
@@ -356,6 +368,7 @@ class Engine:
             logits = self.runner.prefill([r.row for r, _ in batch], [c for _, c in batch],
                                          [r.session.kv_len for r, _ in batch])
             firsts = logits.argmax(-1).tolist()
+            self.stats["prefill_calls"] += 1
             if tokens >= COSTED_PREFILL:  # smaller calls are dominated by reading the weights, not by tokens
                 self._measured("prefill_ms_per_token", (time.perf_counter() - t0) * 1e3 / tokens)
             for (r, chunk), row, t in zip(batch, logits, firsts):
@@ -379,7 +392,7 @@ class Engine:
                 plan = self.sched.schedule(self.sessions, self._chunk_for)
                 self._start(plan)
                 t1 = time.perf_counter()
-                self._decode_step(plan.decode)
+                self._decode_step(plan.decode, self._lookahead(plan.decode, plan))
                 t2 = time.perf_counter()
                 self._prefill_step(plan.prefill)
                 t3 = time.perf_counter()

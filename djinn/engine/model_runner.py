@@ -42,8 +42,13 @@ class ModelRunner:
             self._capture()
 
     def _step(self, b: int) -> torch.Tensor:
+        """One step that also feeds its tokens back as the next step's inputs (positions + 1), so
+        consecutive replays need nothing from the host."""
         rows, tokens, positions = self.inputs[0, :b], self.inputs[1, :b], self.inputs[2, :b]
-        return self.net.decode(self.cache.kv, self.cache.tables, rows, tokens, positions, span=0).argmax(-1)
+        out = self.net.decode(self.cache.kv, self.cache.tables, rows, tokens, positions, span=0).argmax(-1)
+        tokens.copy_(out)
+        positions.add_(1)
+        return out
 
     def _capture(self) -> None:
         self.inputs[0].fill_(self.cache.scratch_row)
@@ -62,20 +67,25 @@ class ModelRunner:
         torch.cuda.synchronize(self.cache.device)
         log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
 
-    def decode(self, rows: list[int], tokens: list[int], positions: list[int]) -> list[int]:
+    def decode(self, rows: list[int], tokens: list[int], positions: list[int], steps: int = 1) -> list[list[int]]:
+        """``steps`` greedy steps of the batch (each row's KV blocks reserved for them): the tokens of each step."""
         if not self.graphed:
             dev = self.cache.device
-            logits = self.net.decode(self.cache.kv, self.cache.tables, torch.tensor(rows, device=dev),
-                                     torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
-                                     span=max(positions) + 1)
-            return logits.argmax(-1).tolist()
-        out: list[int] = []
+            toks, pos, out = torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), []
+            for _ in range(steps):
+                toks = self.net.decode(self.cache.kv, self.cache.tables, torch.tensor(rows, device=dev), toks, pos,
+                                       span=int(pos.max()) + 1).argmax(-1)
+                pos = pos + 1
+                out.append(toks.tolist())
+            return out
+        out = [[] for _ in range(steps)]
         step = self.sizes[-1]
         for i in range(0, len(rows), step):
-            out += self._replay(rows[i:i + step], tokens[i:i + step], positions[i:i + step])
+            for k, part in enumerate(self._replay(rows[i:i + step], tokens[i:i + step], positions[i:i + step], steps)):
+                out[k] += part
         return out
 
-    def _replay(self, rows: list[int], tokens: list[int], positions: list[int]) -> list[int]:
+    def _replay(self, rows: list[int], tokens: list[int], positions: list[int], steps: int) -> list[list[int]]:
         n = len(rows)
         b = next(s for s in self.sizes if s >= n)
         pad = b - n
@@ -83,8 +93,11 @@ class ModelRunner:
                                             positions + [0] * pad])
         self.inputs[:, :b].copy_(self.staging[:, :b], non_blocking=True)
         graph, result = self.graphs[b]
-        graph.replay()
-        return result[:n].tolist()
+        outs = []
+        for _ in range(steps):  # one host round trip for all of them
+            graph.replay()
+            outs.append(result[:n].clone())
+        return torch.stack(outs).tolist()
 
     def prefill(self, rows: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Chunks (padded to the longest) for ``rows`` at positions from ``starts``: last-position logits [B, V]."""
