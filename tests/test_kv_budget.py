@@ -86,7 +86,7 @@ def test_engine_bench_builds_the_servers_engine(monkeypatch):
     assert seen[-1]["block_size"] == 32 and seen[0]["max_seq"] == 512 and seen[0]["max_slots"] == 1024
 
 
-def test_the_pinned_arena_defaults_to_a_quarter_of_host_memory_up_to_the_device_blocks():
+def test_the_pinned_arena_defaults_to_half_the_host_memory_up_to_the_device_blocks():
     from djinn.engine.kv_cache import PagedKVCache, auto_host_blocks
     from djinn.engine.transformer import Shape
 

@@ -66,7 +66,7 @@ class Engine:
         """``max_slots``: requests running at once (the decode batch); ``max_seq``: a session's token cap;
         the KV cache takes ``kv_budget_bytes`` in blocks of ``block_size`` tokens (at most ``max_slots``
         full-length sessions' worth); ``host_blocks`` pinned host blocks for parking (None: from ``host_bytes``,
-        else a quarter of the free host memory, on a GPU)."""
+        else half the free host memory, on a GPU)."""
         self.model = model
         self.net = PagedTransformer(model)
         p = next(model.parameters())

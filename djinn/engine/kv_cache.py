@@ -16,7 +16,7 @@ import torch
 from djinn.engine.transformer import Shape
 
 log = logging.getLogger("djinn.engine")
-HOST_ARENA_FRACTION = 0.25  # of the host's available memory, pinned at start for parked blocks by default
+HOST_ARENA_FRACTION = 0.5  # of the host's available memory, pinned at start for parked blocks by default
 
 
 def available_host_bytes(cgroup: str = "/sys/fs/cgroup") -> int:

@@ -59,7 +59,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefill chunks shrink (by measured costs) so a step with running decodes stays within this")
     p.add_argument("--kv-block-size", type=int, default=d.kv_block_size, help="tokens per KV cache block")
     p.add_argument("--host-kv-gb", type=float, default=d.host_kv_gb,
-                   help="host memory pinned at start for parked sessions' blocks, on a GPU (default: a quarter of "
+                   help="host memory pinned at start for parked sessions' blocks, on a GPU (default: half of "
                         "the available memory, cgroup limit included; beyond it, pageable memory)")
 
 
