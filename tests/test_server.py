@@ -6,6 +6,7 @@ import struct
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from djinn.server.config import ServerConfig
 from tests.conftest import ADMIN_TOKEN, TINY_LLAMA, hf_greedy
 
 PROMPT = list(range(10, 82))
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_full_djinn_matches_local_generate_and_reuses_the_session(djinn_server, tiny_llama):
@@ -72,7 +74,13 @@ def test_control_plane_health_metrics_and_sessions(djinn_server):
                                                        headers={"X-Session-Key": opened["sessionKey"]})) as r:
         assert json.load(r)["closed"] is True
     text = djinn_server.metrics()
-    assert "djinn_requests_total" in text and f'djinn_engine_kv_blocks{{model="{TINY_LLAMA}"}}' in text
+    assert "djinn_requests_total" in text
+    doc = open(ROOT / "docs" / "protocol.md").read()
+    engine_doc = doc[doc.index("per loaded model"):doc.index("Bodies are strict JSON")]
+    names = re.findall(r"`(\w+)`", engine_doc)
+    assert "kv_blocks_free" in names and "parked_sessions" in names
+    for name in names:  # every engine metric the protocol documents is served
+        assert f'djinn_engine_{name}{{model="{TINY_LLAMA}"}}' in text, name
 
 
 def _raw(address, data: bytes) -> bytes:
