@@ -49,10 +49,12 @@ def test_idle_sessions_are_parked_and_restored(tiny_llama):
     try:
         sessions = [eng.open_session().result() for _ in range(3)]
         firsts = [eng.generate(s.id, p, 8).result().tokens for s, p in zip(sessions, PROMPTS)]
-        assert eng.stats["parks"] >= 1 and eng.snapshot()["parked_sessions"] >= 1
-        # the parked session comes back with its cache and continues exactly
-        again = eng.generate(sessions[0].id, [42], 8).result().tokens
-        assert again == hf_greedy(tiny_llama.model, PROMPTS[0] + firsts[0] + [42], 8)
+        parked = [i for i, s in enumerate(sessions) if eng.sessions[s.id].host_blocks is not None]
+        assert eng.stats["parks"] >= 1 and parked and eng.snapshot()["parked_sessions"] == len(parked)
+        # a parked session comes back with its cache and continues exactly
+        i = parked[0]
+        again = eng.generate(sessions[i].id, [42], 8).result().tokens
+        assert again == hf_greedy(tiny_llama.model, PROMPTS[i] + firsts[i] + [42], 8)
         assert eng.stats["restores"] >= 1
     finally:
         eng.shutdown()
@@ -93,20 +95,20 @@ def test_gpt2_family(tmp_path):
 
 
 def test_recycled_host_blocks_keep_every_parked_cache_intact(tiny_llama):
-    """Five sessions through two slots, three rounds: every round parks and restores caches
-    through recycled host blocks, and every continuation still equals HF generate."""
-    eng = small_cache(tiny_llama, 8, host_blocks=3)  # 128 tokens for 5 sessions of up to 60: parks overflow the arena
+    """Five sessions through a cache for one or two, three rounds in changing order: every round parks and
+    restores caches through recycled host blocks, and every continuation still equals HF generate."""
+    eng = small_cache(tiny_llama, 5, host_blocks=3)  # 80 tokens for 5 sessions of up to 40: parks overflow the arena
     try:
         sessions = [eng.open_session().result() for _ in range(5)]
         history = {s.id: list(range(20 + 9 * i, 40 + 9 * i)) for i, s in enumerate(sessions)}
         new = dict(history)
-        for _ in range(3):
-            for s in sessions:
+        for order in ([0, 1, 2, 3, 4], [4, 2, 0, 3, 1], [1, 3, 4, 0, 2]):
+            for s in [sessions[i] for i in order]:
                 out = eng.generate(s.id, new[s.id], 4).result().tokens
                 assert out == hf_greedy(tiny_llama.model, history[s.id], 4)
                 history[s.id] = history[s.id] + out + [11]
                 new[s.id] = [11]
-        assert eng.stats["restores"] >= 8 and eng.cache.overflow  # pinned arena and pageable overflow both used
+        assert eng.stats["restores"] >= 6 and eng.cache.overflow  # pinned arena and pageable overflow both used
         pinned_in_use = [h for s in eng.sessions.values() for h in s.host_blocks or [] if h < 3]
         assert eng.sched.host.available == 3 - len(pinned_in_use)  # no pinned block lost or lent twice
     finally:

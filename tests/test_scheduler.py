@@ -2,7 +2,7 @@
 from concurrent.futures import Future
 
 from djinn.engine.scheduler import (MIN_PREFILL_CHUNK, Plan, Request, Scheduler, Session, blocks_for, pad_groups,
-                                    prefill_budget)
+                                    park_order, prefill_budget)
 
 
 class Landed:
@@ -51,21 +51,21 @@ def test_a_request_reserves_the_blocks_it_will_write_and_keeps_those_it_holds():
     assert len(s.blocks) == 5 and s.blocks[:4] == [0, 1, 2, 3]
 
 
-def test_short_of_blocks_the_least_recently_used_idle_sessions_park_and_the_request_waits_for_them():
+def test_short_of_blocks_idle_sessions_park_and_the_request_waits_for_them():
     sched = Scheduler(n_blocks=10, block_size=16, max_seq=512, max_running=8, host_blocks=100)
     sessions = {k: Session(k) for k in "abcd"}
-    for i, k in enumerate("abc"):  # three idle sessions of 3 blocks each (48 tokens), a used first
+    for i, k in enumerate("abc"):  # three idle sessions of 3 blocks each (48 tokens), c used last
         r = request(sessions[k], list(range(47)), 1)
         sched.waiting.append(r)
         sched.schedule(sessions, lambda n: 2048)
         run_to_end(sched, r)
         sessions[k].last_used = i
     assert sched.device.available == 1
-    r = request(sessions["d"], list(range(60)), 20)  # needs 5 blocks: a and b must go (LRU), c stays
+    r = request(sessions["d"], list(range(60)), 20)  # needs 5 blocks: two must go; no gap measured: c, b
     sched.waiting.append(r)
     plan = sched.schedule(sessions, lambda n: 2048)
-    assert [p[0].id for p in plan.park] == ["a", "b"] and plan.admitted == []
-    assert sessions["c"].resident and not sessions["a"].resident
+    assert [p[0].id for p in plan.park] == ["c", "b"] and plan.admitted == []
+    assert sessions["a"].resident and not sessions["c"].resident
     for s, *_ in plan.park:
         s.moving = object()  # copies in flight: the blocks are not free yet, and nobody parks twice
     again = sched.schedule(sessions, lambda n: 2048)
@@ -73,7 +73,7 @@ def test_short_of_blocks_the_least_recently_used_idle_sessions_park_and_the_requ
     land(sched, plan)
     plan = sched.schedule(sessions, lambda n: 2048)
     assert plan.admitted == [r] and len(sessions["d"].blocks) == 5
-    assert sessions["a"].host_blocks is not None and sessions["a"].blocks == []
+    assert sessions["c"].host_blocks is not None and sessions["c"].blocks == []
 
 
 def test_a_parked_session_is_restored_into_fresh_blocks_and_runs_once_the_copy_lands():
@@ -176,9 +176,9 @@ def test_queued_sessions_are_not_parked_while_others_run_and_cheaper_requests_go
     assert plan.park == [] and plan.admitted == [ra]  # a and b are queued: not parked for c
     run_to_end(sched, rd)
     run_to_end(sched, ra)
-    sessions["d"].last_used = -1.0
+    sessions["d"].last_used = 1e12
     plan = sched.schedule(sessions, lambda n: 2048)
-    assert [p[0].id for p in plan.park] == ["d"]  # d went idle: it parks (LRU among the idle), c waits for it
+    assert [p[0].id for p in plan.park] == ["d"]  # d went idle: it parks (used last), c waits for it
     land(sched, plan)
     assert sched.schedule(sessions, lambda n: 2048).admitted == [rc, rb]
 
@@ -212,6 +212,20 @@ def test_one_pass_parks_for_every_waiting_request_so_one_landing_admits_them_all
     re_, rf = request(sessions["e"], list(range(40)), 9), request(sessions["f"], list(range(40)), 9)  # 3 blocks each
     sched.waiting += [re_, rf]
     plan = sched.schedule(sessions, lambda n: 2048)
-    assert [p[0].id for p in plan.park] == ["a", "b"]  # not only a (for e), waiting a step to park b (for f)
+    assert [p[0].id for p in plan.park] == ["d", "c"]  # not only d (for e), waiting a step to park c (for f)
     land(sched, plan)
     assert sched.schedule(sessions, lambda n: 2048).admitted == [re_, rf]
+
+
+def test_the_session_expected_back_last_parks_first_and_a_gone_one_before_all():
+    """Agents sharing an Act length: least recently used would park the agent that returns next."""
+    sessions = [Session(k, last_used=t) for k, t in zip("abcd", (0.0, 1.0, 2.0, 3.0))]
+    assert [x.id for x in park_order(sessions, 5.0, None)] == ["d", "c", "b", "a"]  # nothing measured: MRU
+    sched = Scheduler(n_blocks=10, block_size=16, max_seq=512, max_running=8, host_blocks=0)
+    for x, gap in zip(sessions, (10.0, 10.0, 10.0, 1.0)):  # d comes back every second
+        x.history = [1]
+        sched.arrived(x, x.last_used + gap)
+    assert sessions[0].gap == 10.0 and sched.typical_gap is not None
+    assert [x.id for x in park_order(sessions, 3.5, sched.typical_gap)] == ["c", "b", "a", "d"]
+    late = Session("e", last_used=-40.0)  # its usual gap passed twice over: taken as gone
+    assert park_order(sessions + [late], 3.5, 10.0)[0] is late

@@ -209,6 +209,7 @@ class Engine:
         if s.history:
             self.stats["reused_sessions"] += 1
             log.info("Reusing session %s (kv_processed_len=%d, new tokens=%d)", s.id, s.kv_len, len(new_tokens))
+        self.sched.arrived(s, time.monotonic())
         s.busy = True
         base = len(s.history)
         s.history.extend(new_tokens)

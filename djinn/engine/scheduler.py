@@ -4,7 +4,7 @@ so every decision is unit-tested without a model; the engine carries the decisio
 A session's KV lives in fixed-size device blocks (``block_size`` tokens each) listed in its block table;
 memory is counted by the tokens it holds. A request reserves, when admitted, every block it will write
 (prompt and generated tokens), so a running request never waits for memory. When the free blocks do not
-cover a waiting request, idle sessions are parked (least recently used first): their blocks are copied to
+cover a waiting request, idle sessions are parked (the one expected back last first): their blocks are copied to
 host blocks and freed once the copy has landed; a parked session's next request restores them.
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional
 MIN_PREFILL_CHUNK = 64   # tokens: a latency bound never starves prefill below this per step
 MIN_SPLIT = 256          # a prompt is cut to fill a step's budget only if at least this much of it fits
 PAD_SLACK = 1.25         # prefill rows of unequal length share one padded call while padding adds at most 25%
+GAP_EMA = 0.5            # weight of the newest idle gap in a session's (and the server's) usual gap
+OVERDUE = 2.0            # a session idle this many times its usual gap is taken as gone: it parks first
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -57,6 +59,7 @@ class Session:
     moving: Any = None                 # a copy in flight (park or restore): ``.done()`` says when it landed
     busy: bool = False
     last_used: float = field(default_factory=time.monotonic)
+    gap: Optional[float] = None        # its usual idle time between requests (an agent's Act), measured
     temporary: bool = False            # a stateless forward's session, gone after its request
 
     @property
@@ -129,6 +132,21 @@ def pad_groups(lengths: list[int], slack: float = PAD_SLACK) -> list[list[int]]:
     return groups
 
 
+def park_order(idle: list[Session], now: float, typical_gap: Optional[float]) -> list[Session]:
+    """Idle sessions in the order to park them: the one whose next request is expected last first
+    (Belady's choice, with the next request expected one usual gap after its last; agents that share an
+    Act length make this most recently used first, where least recently used would park exactly the
+    agent that comes back next), except that sessions overdue by OVERDUE usual gaps (likely gone) go
+    before all. Without any measured gap, most recently used first."""
+    def key(x: Session) -> tuple[int, float]:
+        gap = x.gap if x.gap is not None else typical_gap
+        if gap is None:
+            return (0, x.last_used)
+        expected = x.last_used + gap
+        return (1, now - expected) if now - x.last_used > OVERDUE * gap else (0, expected)
+    return sorted(idle, key=key, reverse=True)
+
+
 class Scheduler:
     def __init__(self, n_blocks: int, block_size: int, max_seq: int, max_running: int, host_blocks: int):
         self.block_size, self.max_seq = block_size, max_seq
@@ -141,6 +159,7 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.freeing = 0                    # device blocks of parks in flight
+        self.typical_gap: Optional[float] = None  # the usual idle gap over all sessions
 
     # -- capacity --------------------------------------------------------------------------
     def fits_ever(self, tokens: int) -> bool:
@@ -175,6 +194,14 @@ class Scheduler:
             self.give_host(s.host_blocks)
             s.host_blocks = None
 
+    def arrived(self, s: Session, now: float) -> None:
+        """A request for ``s`` came in: learn its idle gap (for the park order)."""
+        if not s.history:
+            return
+        gap = now - s.last_used
+        s.gap = gap if s.gap is None else (1 - GAP_EMA) * s.gap + GAP_EMA * gap
+        self.typical_gap = gap if self.typical_gap is None else (1 - GAP_EMA) * self.typical_gap + GAP_EMA * gap
+
     # -- parking -----------------------------------------------------------------------------
     def park(self, s: Session, plan: Plan) -> bool:
         """Start parking ``s`` (resident, no request running): its device blocks free when the copy lands."""
@@ -203,11 +230,12 @@ class Scheduler:
         s.host_blocks = None
 
     # -- one iteration -------------------------------------------------------------------------
-    def schedule(self, sessions: dict[str, Session], chunk_for: Callable[[int], int]) -> Plan:
+    def schedule(self, sessions: dict[str, Session], chunk_for: Callable[[int], int],
+                 now: Optional[float] = None) -> Plan:
         """Admit what fits (parking idle sessions for room), then pick the decode batch and the prefill
         chunks (``chunk_for(decode batch size)`` tokens in all)."""
         plan = Plan()
-        self._admit(sessions, plan)
+        self._admit(sessions, plan, time.monotonic() if now is None else now)
         ready = [r for r in self.running if r.ready]
         plan.decode = [r for r in ready if r.decoding]
         budget = chunk_for(len(plan.decode))
@@ -222,9 +250,9 @@ class Scheduler:
                 budget -= n
         return plan
 
-    def _admit(self, sessions: dict[str, Session], plan: Plan) -> None:
-        """First fit in arrival order. Short of blocks, idle sessions (no request queued or running) park,
-        least recently used first; a request that still does not fit waits while later, cheaper ones (a
+    def _admit(self, sessions: dict[str, Session], plan: Plan, now: float) -> None:
+        """First fit in arrival order. Short of blocks, idle sessions (no request queued or running) park
+        in ``park_order``; a request that still does not fit waits while later, cheaper ones (a
         resident session's few new blocks) go ahead. Only when nothing runs and nothing is in flight do
         queued sessions park, from the back of the queue, so the head always gets in."""
         if any(r.suspect for r in self.running):
@@ -248,8 +276,8 @@ class Scheduler:
             else:  # park for every waiting request at once: one landing admits them all, not one per step
                 if idle is None:
                     queued = {id(x.session) for x in self.waiting + self.running}
-                    idle = sorted((x for x in sessions.values() if id(x) not in queued and x.resident and x.blocks),
-                                  key=lambda x: x.last_used, reverse=True)  # pop() gives the least recently used
+                    idle = park_order([x for x in sessions.values() if id(x) not in queued and x.resident and x.blocks],
+                                      now, self.typical_gap)[::-1]  # pop() gives the next to park
                 while self.device.available + self.freeing - pledged < extra and idle:
                     self.park(idle.pop(), plan)
                 if self.device.available + self.freeing - pledged >= extra:
