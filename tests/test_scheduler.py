@@ -36,7 +36,7 @@ def land(sched: Scheduler, plan: Plan) -> None:
 
 
 def test_a_request_reserves_the_blocks_it_will_write_and_keeps_those_it_holds():
-    sched = Scheduler(n_blocks=100, block_size=16, max_seq=512, max_running=8, host_blocks=0)
+    sched = Scheduler(n_blocks=100, block_size=16, max_running=8, host_blocks=0)
     s = Session("a")
     r = request(s, list(range(40)), 10)
     sched.waiting.append(r)
@@ -52,7 +52,7 @@ def test_a_request_reserves_the_blocks_it_will_write_and_keeps_those_it_holds():
 
 
 def test_short_of_blocks_idle_sessions_park_and_the_request_waits_for_them():
-    sched = Scheduler(n_blocks=10, block_size=16, max_seq=512, max_running=8, host_blocks=100)
+    sched = Scheduler(n_blocks=10, block_size=16, max_running=8, host_blocks=100)
     sessions = {k: Session(k) for k in "abcd"}
     for i, k in enumerate("abc"):  # three idle sessions of 3 blocks each (48 tokens), c used last
         r = request(sessions[k], list(range(47)), 1)
@@ -77,7 +77,7 @@ def test_short_of_blocks_idle_sessions_park_and_the_request_waits_for_them():
 
 
 def test_a_parked_session_is_restored_into_fresh_blocks_and_runs_once_the_copy_lands():
-    sched = Scheduler(n_blocks=8, block_size=16, max_seq=512, max_running=8, host_blocks=2)
+    sched = Scheduler(n_blocks=8, block_size=16, max_running=8, host_blocks=2)
     a, b = Session("a"), Session("b")
     sessions = {"a": a, "b": b}
     r = request(a, list(range(47)), 1)
@@ -112,7 +112,7 @@ def test_a_parked_session_is_restored_into_fresh_blocks_and_runs_once_the_copy_l
 
 
 def test_rows_bound_the_running_requests_and_a_waiting_request_waits_in_order():
-    sched = Scheduler(n_blocks=100, block_size=16, max_seq=512, max_running=2, host_blocks=0)
+    sched = Scheduler(n_blocks=100, block_size=16, max_running=2, host_blocks=0)
     sessions = {k: Session(k) for k in "abc"}
     rs = [request(sessions[k], [1, 2, 3], 4) for k in "abc"]
     sched.waiting += rs
@@ -123,7 +123,7 @@ def test_rows_bound_the_running_requests_and_a_waiting_request_waits_in_order():
 
 
 def test_prefill_chunks_follow_the_budget_and_the_step_bound():
-    sched = Scheduler(n_blocks=100, block_size=16, max_seq=512, max_running=8, host_blocks=0)
+    sched = Scheduler(n_blocks=100, block_size=16, max_running=8, host_blocks=0)
     sessions = {k: Session(k) for k in "ab"}
     ra, rb = request(sessions["a"], list(range(300)), 2), request(sessions["b"], list(range(100)), 2)
     sched.waiting += [ra, rb]
@@ -135,7 +135,7 @@ def test_prefill_chunks_follow_the_budget_and_the_step_bound():
 
 
 def test_whole_prompts_fill_a_step_before_one_is_cut():
-    sched = Scheduler(n_blocks=100, block_size=16, max_seq=512, max_running=8, host_blocks=0)
+    sched = Scheduler(n_blocks=100, block_size=16, max_running=8, host_blocks=0)
     sessions = {k: Session(k) for k in "abc"}
     rs = [request(sessions[k], list(range(72)), 2) for k in "abc"]
     sched.waiting += rs
@@ -155,7 +155,7 @@ def test_queued_sessions_are_not_parked_while_others_run_and_cheaper_requests_go
     """The thrash a wave of parked sessions caused: parking sessions whose requests wait only to restore
     them next. Now idle sessions park first, a request that does not fit lets cheaper ones pass, and
     queued sessions park only when nothing else can move."""
-    sched = Scheduler(n_blocks=15, block_size=16, max_seq=512, max_running=8, host_blocks=100)
+    sched = Scheduler(n_blocks=15, block_size=16, max_running=8, host_blocks=100)
     sessions = {k: Session(k) for k in "abcd"}
     for k in "abc":  # three sessions of 3 blocks, then c parked
         r = request(sessions[k], list(range(47)), 1)
@@ -184,7 +184,7 @@ def test_queued_sessions_are_not_parked_while_others_run_and_cheaper_requests_go
 
 
 def test_with_nothing_running_queued_sessions_park_from_the_back_so_the_head_gets_in():
-    sched = Scheduler(n_blocks=6, block_size=16, max_seq=512, max_running=8, host_blocks=100)
+    sched = Scheduler(n_blocks=6, block_size=16, max_running=8, host_blocks=100)
     sessions = {k: Session(k) for k in "abc"}
     for k in "bc":
         r = request(sessions[k], list(range(47)), 1)
@@ -201,7 +201,7 @@ def test_with_nothing_running_queued_sessions_park_from_the_back_so_the_head_get
 
 
 def test_one_pass_parks_for_every_waiting_request_so_one_landing_admits_them_all():
-    sched = Scheduler(n_blocks=12, block_size=16, max_seq=512, max_running=8, host_blocks=100)
+    sched = Scheduler(n_blocks=12, block_size=16, max_running=8, host_blocks=100)
     sessions = {k: Session(k) for k in "abcdef"}
     for i, k in enumerate("abcd"):  # four idle sessions of 3 blocks: the cache is full
         r = request(sessions[k], list(range(47)), 1)
@@ -221,7 +221,7 @@ def test_the_session_expected_back_last_parks_first_and_a_gone_one_before_all():
     """Agents sharing an Act length: least recently used would park the agent that returns next."""
     sessions = [Session(k, last_used=t) for k, t in zip("abcd", (0.0, 1.0, 2.0, 3.0))]
     assert [x.id for x in park_order(sessions, 5.0, None)] == ["d", "c", "b", "a"]  # nothing measured: MRU
-    sched = Scheduler(n_blocks=10, block_size=16, max_seq=512, max_running=8, host_blocks=0)
+    sched = Scheduler(n_blocks=10, block_size=16, max_running=8, host_blocks=0)
     for x, gap in zip(sessions, (10.0, 10.0, 10.0, 1.0)):  # d comes back every second
         x.history = [1]
         sched.arrived(x, x.last_used + gap)

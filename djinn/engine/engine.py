@@ -77,7 +77,7 @@ class Engine:
             n_blocks = min(n_blocks, kv_budget_bytes // block_bytes(self.net.shape, block_size, self.dtype) - 1)
         self.cache = PagedKVCache(self.net.shape, int(n_blocks), block_size, max_seq, max_slots, self.dtype,
                                   self.device, host_blocks, host_bytes)
-        self.sched = Scheduler(self.cache.n_blocks, block_size, max_seq, max_slots, self.cache.host_blocks)
+        self.sched = Scheduler(self.cache.n_blocks, block_size, max_slots, self.cache.host_blocks)
         self.runner = ModelRunner(self.net, self.cache, max_slots, cuda_graphs)
         self.prefill_chunk, self.max_step_ms = prefill_chunk, max_step_ms
         self.sessions: dict[str, Session] = {}

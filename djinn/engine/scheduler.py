@@ -148,8 +148,8 @@ def park_order(idle: list[Session], now: float, typical_gap: Optional[float]) ->
 
 
 class Scheduler:
-    def __init__(self, n_blocks: int, block_size: int, max_seq: int, max_running: int, host_blocks: int):
-        self.block_size, self.max_seq = block_size, max_seq
+    def __init__(self, n_blocks: int, block_size: int, max_running: int, host_blocks: int):
+        self.block_size = block_size
         self.device = BlockAllocator(n_blocks)
         self.rows = BlockAllocator(max_running)
         self.host_pinned = host_blocks      # host ids below this are pinned arena blocks; above, pageable overflow
@@ -271,9 +271,7 @@ class Scheduler:
                 continue  # its park is in flight: admitted (and restored) once it lands
             need = blocks_for(r.tokens_needed, self.block_size)
             extra = need - (len(s.blocks) if s.host_blocks is None else 0)
-            if self.device.available >= extra:
-                pass
-            else:  # park for every waiting request at once: one landing admits them all, not one per step
+            if self.device.available < extra:  # park for every waiting request at once: one landing admits all
                 if idle is None:
                     queued = {id(x.session) for x in self.waiting + self.running}
                     idle = park_order([x for x in sessions.values() if id(x) not in queued and x.resident and x.blocks],
