@@ -11,6 +11,7 @@ import json
 import signal
 import statistics
 import struct
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,10 +30,14 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def wave(address: str, n: int, new_tokens: int) -> dict:
-    """Each agent: Reason (prompt + new_tokens), park (its Act), Reflect (3 tokens + new_tokens)."""
+    """Each agent: Reason (prompt + new_tokens), park (its Act), Reflect (3 tokens + new_tokens); every
+    agent connects and opens its session first, then all start Reason together (as bench-engine's do)."""
+    barrier = threading.Barrier(n)
+
     def agent(i: int) -> tuple[float, float]:
         with DjinnClient(address) as c:
             s = c.open_session()
+            barrier.wait()
             t0 = time.perf_counter()
             s.generate([t + i for t in PROMPT], new_tokens)
             reason = time.perf_counter() - t0
