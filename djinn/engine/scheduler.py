@@ -9,6 +9,7 @@ host blocks and freed once the copy has landed; a parked session's next request 
 """
 from __future__ import annotations
 
+import heapq
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -26,11 +27,11 @@ def blocks_for(tokens: int, block_size: int) -> int:
 
 
 class BlockAllocator:
-    """Block ids ``0..n-1``, lowest first, so a fresh session's blocks tend to be contiguous."""
+    """Block ids ``0..n-1``, lowest first (a heap), so a fresh session's blocks tend to be contiguous."""
 
     def __init__(self, n: int):
         self.n = n
-        self._free = list(range(n - 1, -1, -1))
+        self._free = list(range(n))
 
     @property
     def available(self) -> int:
@@ -39,13 +40,11 @@ class BlockAllocator:
     def take(self, k: int) -> list[int]:
         if k > len(self._free):
             raise RuntimeError(f"{k} blocks asked, {len(self._free)} free")
-        taken = self._free[len(self._free) - k:][::-1]
-        del self._free[len(self._free) - k:]
-        return taken
+        return [heapq.heappop(self._free) for _ in range(k)]
 
     def give(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
-        self._free.sort(reverse=True)
+        for b in blocks:
+            heapq.heappush(self._free, b)
 
 
 @dataclass(eq=False)  # identity: queues are searched by object, never by value
