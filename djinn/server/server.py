@@ -23,7 +23,7 @@ from djinn.server.limits import CONTROL_MAX_BODY
 from djinn.server.service import DjinnService, RequestError, same_secret
 
 log = logging.getLogger("djinn.server")
-DISCONNECT_POLL_S = 0.2  # how often an in-flight request checks that its client is still there
+DISCONNECT_POLL_S = 0.2  # how often the requests in flight are checked for a client that left
 
 
 def is_loopback(host: str) -> bool:
@@ -78,6 +78,9 @@ class DataPlane:
         self.service, self.config = service, config
         self.read_timeout, self.idle_timeout = read_timeout, idle_timeout
         self.handlers: set[asyncio.Task] = set()
+        self.inflight: dict[asyncio.Future, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
+        self.left: set[asyncio.Future] = set()  # requests cancelled because their client left
+        self._watcher: Optional[asyncio.Task] = None
 
     async def _send(self, writer: asyncio.StreamWriter, reply: bytes) -> None:
         self.service.counters["bytes_out_total"] += len(reply)
@@ -128,18 +131,16 @@ class DataPlane:
                      writer: asyncio.StreamWriter) -> Optional[bytes]:
         """The reply; None when the client disconnected first (the request is cancelled, its slot freed)."""
         work = asyncio.ensure_future(self.dispatch(conn.id, header, tensors))
+        self.inflight[work] = (reader, writer)
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.ensure_future(self._watch_departures())
         try:
-            while True:
-                done, _ = await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
-                if done:
-                    return work.result()
-                if reader.at_eof() or writer.is_closing():
-                    work.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await work
-                    log.info("connection %d: client left; request %s cancelled", conn.id, header.get("op"))
-                    return None
-        except asyncio.CancelledError:  # the server stops: answer before the connection goes
+            return await work
+        except asyncio.CancelledError:
+            if work in self.left:  # the watcher cancelled it (a server stop then closes the connection too)
+                log.info("connection %d: client left; request %s cancelled", conn.id, header.get("op"))
+                return None
+            # the server stops: answer before the connection goes
             work.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await work
@@ -148,6 +149,19 @@ class DataPlane:
                                                           "code": "shutting_down",
                                                           "error": "the server stopped before this request finished"}))
             raise
+        finally:
+            self.inflight.pop(work, None)
+            self.left.discard(work)
+
+    async def _watch_departures(self) -> None:
+        """One poller for every request in flight (not a wake-up per request: at 512 agents those took the
+        interpreter from the engine thread): a request whose client left is cancelled."""
+        while self.inflight:
+            await asyncio.sleep(DISCONNECT_POLL_S)
+            for work, (reader, writer) in list(self.inflight.items()):
+                if not work.done() and (reader.at_eof() or writer.is_closing()):
+                    self.left.add(work)
+                    work.cancel()
 
     async def dispatch(self, conn: int, header: dict, tensors: dict) -> bytes:
         rid, op = _request_id(header), header.get("op")
