@@ -16,7 +16,7 @@ common=(--model-id meta-llama/Llama-2-7b-hf --weights synthetic --dtype float16 
 case "$part" in
   bench)
     python3 -m djinn.cli bench-engine --model-id meta-llama/Llama-2-7b-hf --weights synthetic --json "$res/bench.json" 2>&1 | tee "$res/bench.log"
-    # parking: a KV budget for ~165 sessions of 256 tokens, 256 agents
+    # parking: --max-vram-gb 40 leaves ~26 GB of KV (about 3,000 blocks of 16 tokens) for 256 agents of ~190 tokens
     python3 -m djinn.cli bench-engine --model-id meta-llama/Llama-2-7b-hf --weights synthetic --max-vram-gb 40 \
       --agent-counts 256 --json "$res/bench-parking.json" 2>&1 | tee "$res/bench-parking.log" ;;
   djinn)
