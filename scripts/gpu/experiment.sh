@@ -16,8 +16,8 @@ common=(--model-id meta-llama/Llama-2-7b-hf --weights synthetic --dtype float16 
 case "$part" in
   bench)
     python3 -m djinn.cli bench-engine --model-id meta-llama/Llama-2-7b-hf --weights synthetic --json "$res/bench.json" 2>&1 | tee "$res/bench.log"
-    # parking: --max-vram-gb 40 leaves ~26 GB of KV (about 3,000 blocks of 16 tokens) for 256 agents of ~190 tokens
-    python3 -m djinn.cli bench-engine --model-id meta-llama/Llama-2-7b-hf --weights synthetic --max-vram-gb 40 \
+    # parking: --max-vram-gb 36 leaves ~22 GB of KV (2,610 blocks of 16 tokens); 256 agents need 3,072 at Reflect
+    python3 -m djinn.cli bench-engine --model-id meta-llama/Llama-2-7b-hf --weights synthetic --max-vram-gb 36 \
       --agent-counts 256 --json "$res/bench-parking.json" 2>&1 | tee "$res/bench-parking.log" ;;
   djinn)
     python3 -m djinn.cli run "${common[@]}" --baselines full_djinn partially_aware semantic_blind djinn_agents \
