@@ -83,10 +83,9 @@ class Engine:
         self.sessions: dict[str, Session] = {}
         self._moving: list[tuple[Session, str]] = []  # copies in flight: (session, "park" | "restore")
         self._cost = {"decode_ms": 0.0, "prefill_ms_per_token": 0.0}  # measured, for prefill_budget
-        self.stats = {"requests": 0, "tokens_generated": 0, "tokens_prefilled": 0, "decode_steps": 0, "decode_calls": 0,
-                      "prefill_calls": 0,
-                      "decode_batch_tokens": 0, "parks": 0, "restores": 0, "reused_sessions": 0,
-                      "admit_ms": 0.0, "decode_ms": 0.0, "prefill_ms": 0.0}
+        self.stats = {"requests": 0, "tokens_generated": 0, "tokens_prefilled": 0, "decode_steps": 0,
+                      "decode_calls": 0, "prefill_calls": 0, "decode_batch_tokens": 0, "parks": 0, "restores": 0,
+                      "reused_sessions": 0, "admit_ms": 0.0, "decode_ms": 0.0, "prefill_ms": 0.0}
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="djinn-engine", daemon=True)

@@ -118,12 +118,13 @@ class PagedKVCache:
         self.tables[torch.tensor(rows, device=self.device)] = t.to(self.device, non_blocking=True)
 
     # -- parking -----------------------------------------------------------------------------
-    def _host_block(self, i: int) -> torch.Tensor:
-        if i < self.host_blocks:
-            return self.host[i]
-        if i not in self.overflow:
-            self.overflow[i] = torch.empty(self.block_shape, dtype=self.kv.dtype)
-        return self.overflow[i]
+    def _host_run(self, h: int, n: int) -> torch.Tensor:
+        """Host blocks ``h..h+n-1``: a slice of the pinned arena, or one pageable overflow block (n == 1)."""
+        if h < self.host_blocks:
+            return self.host[h:h + n]
+        if h not in self.overflow:
+            self.overflow[h] = torch.empty((1, *self.block_shape), dtype=self.kv.dtype)
+        return self.overflow[h]
 
     def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Copy:
         if not self.cuda:
@@ -139,18 +140,12 @@ class PagedKVCache:
         return Copy(event)
 
     def copy_out(self, device_blocks: list[int], host_blocks: list[int]) -> Copy:
-        pairs = []
-        for d, h, n in copy_runs(device_blocks, host_blocks, self.host_blocks):
-            dst = self.host[h:h + n] if h < self.host_blocks else self._host_block(h)[None]
-            pairs.append((dst, self.kv[d:d + n]))
-        return self._copy(pairs)
+        return self._copy([(self._host_run(h, n), self.kv[d:d + n])
+                           for d, h, n in copy_runs(device_blocks, host_blocks, self.host_blocks)])
 
     def copy_in(self, host_blocks: list[int], device_blocks: list[int]) -> Copy:
-        pairs = []
-        for d, h, n in copy_runs(device_blocks, host_blocks, self.host_blocks):
-            src = self.host[h:h + n] if h < self.host_blocks else self._host_block(h)[None]
-            pairs.append((self.kv[d:d + n], src))
-        return self._copy(pairs)
+        return self._copy([(self.kv[d:d + n], self._host_run(h, n))
+                           for d, h, n in copy_runs(device_blocks, host_blocks, self.host_blocks)])
 
     # -- whole caches of stateless requests ([layers, kv_heads, length, head_dim] each) -------------
     def write(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:

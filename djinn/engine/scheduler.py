@@ -228,6 +228,12 @@ class Scheduler:
         self.give_host(s.host_blocks or [])
         s.host_blocks = None
 
+    def _need(self, r: Request) -> tuple[int, int]:
+        """(blocks ``r`` will hold, blocks it must still get): a parked session gets all of them afresh."""
+        s = r.session
+        need = blocks_for(r.tokens_needed, self.block_size)
+        return need, need - (len(s.blocks) if s.host_blocks is None else 0)
+
     # -- one iteration -------------------------------------------------------------------------
     def schedule(self, sessions: dict[str, Session], chunk_for: Callable[[int], int],
                  now: Optional[float] = None) -> Plan:
@@ -268,8 +274,7 @@ class Scheduler:
             s = r.session
             if s.moving is not None:
                 continue  # its park is in flight: admitted (and restored) once it lands
-            need = blocks_for(r.tokens_needed, self.block_size)
-            extra = need - (len(s.blocks) if s.host_blocks is None else 0)
+            need, extra = self._need(r)
             if self.device.available < extra:  # park for every waiting request at once: one landing admits all
                 if idle is None:
                     queued = {id(x.session) for x in self.waiting + self.running}
@@ -304,7 +309,7 @@ class Scheduler:
         if head is None:
             return
         s = head.session
-        extra = blocks_for(head.tokens_needed, self.block_size) - (len(s.blocks) if s.host_blocks is None else 0)
+        extra = self._need(head)[1]
         for r in reversed(self.waiting):
             if self.device.available + self.freeing >= extra:
                 break

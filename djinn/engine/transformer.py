@@ -128,7 +128,8 @@ class PagedTransformer:
         rope = self._rope(flat)
         blocks = torch.gather(tables[rows].long(), 1, positions // bs).masked_fill(~valid, kv.shape[0] - 1)
         offsets = positions % bs
-        mask = (torch.arange(end, device=tokens.device)[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+        mask = (torch.arange(end, device=tokens.device)[None, None, :] <= positions[:, :, None]).unsqueeze(1) \
+            if prefix else None
 
         for li, layer in enumerate(self._layers()):
             @sdpa_kernel(SDPA_BACKENDS)
