@@ -120,3 +120,11 @@ def test_the_roofline_of_a_phase_is_prefill_flops_plus_decode_bytes():
     assert 750 < prefill_ms + decode_ms < 850  # the "roughly 0.8 s at N=256"
     reflect = phase_roofline_ms(256, 3, 50, 122, **rates)  # Reflect starts after prompt + Reason's tokens
     assert reflect > phase_roofline_ms(256, 3, 50, 0, **rates)
+
+
+def test_a_kv_cache_the_device_cannot_hold_is_a_one_line_error_naming_the_flags():
+    from djinn.engine.kv_cache import PagedKVCache
+    from djinn.engine.transformer import Shape
+
+    with pytest.raises(ValueError, match=r"does not fit on cpu .*; lower --max-vram-gb, --max-slots or --kv-block-size"):
+        PagedKVCache(Shape(2, 2, 2, 16, 100, 128), 2**38, 16, 32, 4, torch.float32, torch.device("cpu"))  # 1 PiB

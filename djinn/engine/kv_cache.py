@@ -86,10 +86,16 @@ class PagedKVCache:
         self.shape, self.block_size, self.max_seq, self.device = shape, block_size, max_seq, device
         self.n_blocks, self.scratch = n_blocks, n_blocks
         self.block_shape = (shape.n_layers, 2, shape.n_kv_heads, block_size, shape.head_dim)
-        self.kv = torch.zeros((n_blocks + 1, *self.block_shape), dtype=dtype, device=device)
         self.max_blocks = -(-max_seq // block_size)
         self.scratch_row = max_rows
-        self.tables = torch.full((max_rows + 1, self.max_blocks), n_blocks, dtype=torch.int32, device=device)
+        try:
+            self.kv = torch.zeros((n_blocks + 1, *self.block_shape), dtype=dtype, device=device)
+            self.tables = torch.full((max_rows + 1, self.max_blocks), n_blocks, dtype=torch.int32, device=device)
+        except RuntimeError as exc:  # torch.OutOfMemoryError included: a sizing the device cannot hold
+            size = (n_blocks + 1) * block_bytes(shape, block_size, dtype) / 2**30
+            raise ValueError(f"a KV cache of {n_blocks} blocks of {block_size} tokens ({size:.1f} GiB) and "
+                             f"{max_rows} table rows does not fit on {device} ({str(exc).splitlines()[0][:120]}); "
+                             "lower --max-vram-gb, --max-slots or --kv-block-size") from None
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         nbytes = block_bytes(shape, block_size, dtype)
