@@ -114,8 +114,13 @@ class DjinnClient:
         return bytes(buf)
 
     def _stale(self) -> bool:
-        """Readable while no reply is due: the server closed the connection (its idle timeout)."""
-        return self._sock is not None and bool(select.select([self._sock], [], [], 0)[0])
+        """Readable while no reply is due: the server closed the connection (its idle timeout).
+        poll, not select: one process of 1,000+ agents holds descriptors past select's FD_SETSIZE."""
+        if self._sock is None:
+            return False
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        return bool(poller.poll(0))
 
     def _roundtrip(self, frame: bytes) -> tuple[bytes, int]:
         if self._stale():

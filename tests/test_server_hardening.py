@@ -2,6 +2,7 @@
 reply, nobody touches another's session, bad input is refused at the boundary, the server stops cleanly."""
 import json
 import os
+import resource
 import signal
 import socket
 import struct
@@ -273,6 +274,27 @@ def test_7_limits_are_derived_enforced_and_typed(server, tiny_llama):
     assert status == 400 and body == {"error": "model_id: expected a model id string, got int", "code": "bad_request"}
     status, body = http(server, "POST", "/v1/sessions", b'{"mode": NaN}')
     assert status == 400 and body["error"] == "body: NaN is not JSON (strict JSON has no NaN or Infinity)"
+
+
+def test_a_client_past_1024_descriptors_works(server):
+    """The experiment at N=1,024 holds a connection per agent in one process: descriptors past
+    select()'s FD_SETSIZE (1,024) must not break the client's check for a closed connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the descriptor limit ({hard}) is below 1,200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler = []
+    try:
+        while not filler or filler[-1] < 1100:
+            filler.append(os.open(os.devnull, os.O_RDONLY))
+        with client(server) as c:
+            assert c._sock.fileno() > 1024
+            s = c.open_session()
+            assert len(s.generate([1, 2, 3], 2)) == 2 and len(s.generate([4, 5], 2)) == 2
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_a_client_reconnects_by_itself_after_the_servers_idle_timeout(server):
