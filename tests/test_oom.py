@@ -23,6 +23,18 @@ def test_oom_by_type_and_cause_chain():
     assert is_oom(ReportedFailure(True, "torch.OutOfMemoryError: x", "tb"))
 
 
+def test_a_cuda_librarys_allocation_failure_is_an_oom():
+    """What keep-alive's 11th weight copy raised on a full H200 (docs/results/2026-12-04-h200)."""
+    cublas = RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+    assert is_oom(cublas) and is_oom(_raised(RuntimeError("agent step failed"), cublas))
+    assert is_oom(torch.AcceleratorError("CUDA error: out of memory\nCUDA kernel errors might be ..."))
+    assert error_line(cublas) == "RuntimeError: " + str(cublas)
+    assert not is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx`"))
+    assert not is_oom(RuntimeError("step failed: CUDA error: CUBLAS_STATUS_ALLOC_FAILED"))  # quoted, not raised
+    assert not is_oom(NotImplementedError("CUDA error: out of memory"))  # another type's message
+    assert not is_oom(ModuleNotFoundError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED"))
+
+
 def test_text_that_quotes_an_oom_is_not_one():
     assert not is_oom(ModuleNotFoundError(QUOTES_OOM))
     assert not is_oom(RuntimeError("CUDA out of memory"))  # a type decides, not a message

@@ -34,22 +34,37 @@ def _by(rows: list[Table2Row], baseline: str) -> dict[int, Table2Row]:
     return {r.n_agents: r for r in rows if r.baseline == baseline}
 
 
-def _limit(s: BaselineSummary, needs_oom: bool) -> tuple[Optional[int], bool, dict]:
-    """(largest N without failure, whether that limit was measured, inputs).
+def _limit(s: BaselineSummary, needs_oom: bool) -> tuple[Optional[int], Optional[int], dict]:
+    """(the largest N shown to fit, the largest N that might fit or None when unbounded, inputs).
 
-    Measured means a larger N failed. For keep-alive only an out-of-memory failure measures
-    its memory limit; any failure measures Djinn's (counting it can only lower the ratio)."""
+    The first number is the largest N completed below the first failure. For Djinn any failure
+    bounds it from above (counting one can only lower the ratio). For keep-alive only running out
+    of memory does: a different failure first (cuBLAS unable to create a handle, say, recorded
+    before such failures counted as out of memory) leaves its limit between that number and the
+    largest N tried below its first out-of-memory."""
     f = s.first_failure
-    measured = f is not None and (f.oom or not needs_oom)
-    largest = s.largest_n_before_failure
-    return largest, measured, {
-        "largest_n_without_failure": largest, "tested_n": list(s.tested_n),
+    lo = s.largest_n_before_failure
+    if needs_oom and f is not None and not f.oom:
+        hi = max((n for n in s.tested_n if n < s.first_oom_n), default=None) if s.first_oom_n else None
+    else:
+        hi = lo if f is not None else None
+    if hi == lo and hi is not None:
+        limit = "measured"
+    elif hi is not None:
+        limit = f"between N={lo} and N={hi}"
+    else:
+        limit = f"capped at N={lo if f else max(s.tested_n)}"
+    return lo, hi, {
+        "largest_n_without_failure": lo, "tested_n": list(s.tested_n),
         "first_failure_n": f.n_agents if f else None,
         "first_failure": f"{f.status}: {f.error}" if f and f.error else (f.status if f else None),
-        "limit": "measured" if measured else f"capped at N={largest if f else max(s.tested_n)}"}
+        "first_oom_n": s.first_oom_n, "limit": limit}
 
 
 def tenant_density(rows: list[Table2Row]) -> dict:
+    """Djinn's limit over keep-alive's, each known exactly or only as a bound: a lower bound on the
+    ratio (Djinn's shown / keep-alive's most) can pass the claim, an upper bound (Djinn's measured /
+    keep-alive's shown) can fail it, and a ratio bounded on neither side decides nothing."""
     text = ("Djinn hosts >= 20x more concurrent agents than Ray Keep-Alive: Djinn's largest N without "
             "failure over keep-alive's largest N without running out of memory")
     thr = f">= {DENSITY_MIN:g}"
@@ -58,41 +73,47 @@ def tenant_density(rows: list[Table2Row]) -> dict:
     if missing:
         return _claim("tenant_density", text, NA, None, thr,
                       f"no agent-scaling results for {', '.join(missing)}", {})
-    dj_n, dj_measured, dj_in = _limit(s[DJINN], needs_oom=False)
-    ka_n, ka_measured, ka_in = _limit(s[KEEPALIVE], needs_oom=True)
-    capped = [b for b, m in ((DJINN, dj_measured), (KEEPALIVE, ka_measured)) if not m]
+    dj_lo, dj_hi, dj_in = _limit(s[DJINN], needs_oom=False)
+    ka_lo, ka_hi, ka_in = _limit(s[KEEPALIVE], needs_oom=True)
+    capped = [b for b, i in ((DJINN, dj_in), (KEEPALIVE, ka_in)) if i["limit"] != "measured"]
     inputs = {DJINN: dj_in, KEEPALIVE: ka_in, "capped": capped}
-    if not ka_n:
+    if not ka_lo:
         return _claim("tenant_density", text, NA, None, thr,
                       "ray_keepalive completed no N; density undefined", inputs)
-    ratio = (dj_n or 0) / ka_n
-    formula = f"{dj_n or 0} / {ka_n} = {ratio:.2f}"
-    f = s[KEEPALIVE].first_failure
-    if f is not None and not f.oom:
-        ka_note = f"ray_keepalive's first failure (N={f.n_agents}) was not out-of-memory, so its limit is not measured"
-    else:
-        ka_note = f"ray_keepalive did not run out of memory up to N={max(s[KEEPALIVE].tested_n)}"
-    dj_note = f"djinn_agents did not fail up to N={max(s[DJINN].tested_n)}"
+    dj = dj_lo or 0
+    low = dj / ka_hi if ka_hi else None               # Djinn at least dj, keep-alive at most ka_hi
+    high = dj_hi / ka_lo if dj_hi is not None else None  # Djinn at most dj_hi, keep-alive at least ka_lo
+    notes = "; ".join(_limit_note(b, s[b]) for b in capped)
     if not capped:
-        ok = ratio >= DENSITY_MIN
-        return _claim("tenant_density", text, PASS if ok else FAIL, ratio, thr,
-                      f"{formula} {'>=' if ok else '<'} {DENSITY_MIN:g}, both limits measured", inputs)
-    if capped == [DJINN]:  # a lower bound: it can prove the claim, not refute it
-        inputs["density_lower_bound"] = ratio
-        if ratio >= DENSITY_MIN:
-            return _claim("tenant_density", text, PASS, ratio, thr,
-                          f"{formula} >= {DENSITY_MIN:g} although {dj_note} (a lower bound)", inputs)
+        ok = high >= DENSITY_MIN
+        return _claim("tenant_density", text, PASS if ok else FAIL, high, thr,
+                      f"{dj} / {ka_lo} = {high:.2f} {'>=' if ok else '<'} {DENSITY_MIN:g}, both limits measured", inputs)
+    if low is not None:
+        inputs["density_lower_bound"] = low
+    if high is not None:
+        inputs["density_upper_bound"] = high
+    if low is not None and low >= DENSITY_MIN:
+        return _claim("tenant_density", text, PASS, low, thr,
+                      f"{dj} / {ka_hi} = {low:.2f} >= {DENSITY_MIN:g}, a lower bound: {notes}", inputs)
+    if high is not None and high < DENSITY_MIN:
+        return _claim("tenant_density", text, FAIL, high, thr,
+                      f"{dj_hi} / {ka_lo} = {high:.2f} < {DENSITY_MIN:g} even as an upper bound: {notes}", inputs)
+    if low is None and high is None:
         return _claim("tenant_density", text, NA, None, thr,
-                      f"density >= {formula}, a lower bound: {dj_note}; sweep Djinn further (djinnSweepCap)", inputs)
-    if capped == [KEEPALIVE]:  # an upper bound: it can refute the claim, not prove it
-        inputs["density_upper_bound"] = ratio
-        if ratio < DENSITY_MIN:
-            return _claim("tenant_density", text, FAIL, ratio, thr,
-                          f"{formula} < {DENSITY_MIN:g} even as an upper bound: {ka_note}", inputs)
-        return _claim("tenant_density", text, NA, None, thr,
-                      f"density <= {formula}, an upper bound: {ka_note}; test larger N", inputs)
+                      f"neither limit measured ({notes}); {dj} / {ka_lo} bounds nothing", inputs)
+    bound = (f"density >= {dj} / {ka_hi} = {low:.2f}, a lower bound" if low is not None
+             else f"density <= {dj_hi} / {ka_lo} = {high:.2f}, an upper bound")
     return _claim("tenant_density", text, NA, None, thr,
-                  f"neither limit measured ({dj_note}; {ka_note}); {formula} bounds nothing", inputs)
+                  f"{bound}: {notes}; sweep Djinn further (djinnSweepCap) or keep-alive to its first OOM", inputs)
+
+
+def _limit_note(baseline: str, s: BaselineSummary) -> str:
+    """Why ``baseline``'s limit is only a bound."""
+    f = s.first_failure
+    if f is None:
+        return f"{baseline} did not {'run out of memory' if baseline == KEEPALIVE else 'fail'} up to N={max(s.tested_n)}"
+    oom = f", its first out-of-memory at N={s.first_oom_n}" if s.first_oom_n else ""
+    return f"{baseline}'s first failure (N={f.n_agents}) was not out-of-memory{oom}"
 
 
 def _thin(per_n: list[dict], key: str) -> str:

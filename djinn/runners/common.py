@@ -1,6 +1,7 @@
 """Pieces every runner shares: the prompt, result writing, OOM detection, GPU telemetry."""
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -55,6 +56,12 @@ def cause_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
+# The status torch puts first in the RuntimeError it raises for a failed CUDA call, when that status
+# is an allocation failure: cudaErrorMemoryAllocation, or a CUDA library that could not allocate its
+# workspace (cuBLAS creating a handle on a full GPU, as keep-alive's 11th copy did on an H200).
+CUDA_ALLOC_STATUS = re.compile(r"CUDA error: (out of memory|CU[A-Z]+_STATUS_ALLOC_FAILED|CUFFT_ALLOC_FAILED)\b")
+
+
 def _oom_link(exc: BaseException) -> bool:
     from djinn.client import DjinnError
 
@@ -62,12 +69,15 @@ def _oom_link(exc: BaseException) -> bool:
         return exc.oom
     if isinstance(exc, DjinnError):
         return exc.code == "out_of_memory"  # the Djinn server's own out-of-memory refusal
+    if type(exc) in (RuntimeError, torch.AcceleratorError):  # torch's CUDA errors, not a subclass's message
+        return bool(CUDA_ALLOC_STATUS.match(str(exc)))
     # torch.OutOfMemoryError is CUDA's (torch.cuda.OutOfMemoryError) and the emulated ledger's
     return isinstance(exc, (torch.OutOfMemoryError, MemoryError))
 
 
 def is_oom(exc: BaseException) -> bool:
-    """True when ``exc`` or what it wraps is an out-of-memory error, judged by type, never by text."""
+    """True when ``exc`` or what it wraps is an out-of-memory error, judged by its type (for torch's
+    CUDA RuntimeError, by the status it starts with), never by text found anywhere in a traceback."""
     return any(_oom_link(e) for e in cause_chain(exc))
 
 

@@ -80,6 +80,25 @@ def test_keepalive_failure_that_is_not_an_oom_does_not_measure_its_limit():
     assert d["status"] == "FAIL" and d["inputs"]["density_upper_bound"] == pytest.approx(2.0)
 
 
+def test_keepalive_limit_between_a_failure_and_the_first_oom():
+    """The 2026-12-04 H200 record: keep-alive failed otherwise at N=11 and ran out of memory at N=12,
+    so it holds 10 or 11 agents; Djinn never failed up to 1,024: density >= 1024 / 11."""
+    docs = [agent_doc("ray_keepalive", n, 80, 70) for n in range(1, 11)]
+    docs += [agent_doc("ray_keepalive", 11, 0, 0, error="RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED"),
+             agent_doc("ray_keepalive", 12, 0, 0, oom=True, error="OutOfMemoryError: CUDA out of memory")]
+    djinn = [agent_doc("djinn_agents", n, 100, 10) for n in (1, 32, 1024)]
+    d = claims_of(docs + djinn)["tenant_density"]
+    ka = d["inputs"]["ray_keepalive"]
+    assert ka["limit"] == "between N=10 and N=11" and ka["first_oom_n"] == 12
+    assert d["status"] == "PASS" and d["value"] == pytest.approx(1024 / 11)
+    assert d["inputs"]["capped"] == ["djinn_agents", "ray_keepalive"] and "lower bound" in d["reason"]
+    # Djinn measured at 32 (it failed at 64): 32 / 11 <= density <= 32 / 10, FAIL even as an upper bound
+    djinn = [agent_doc("djinn_agents", n, 100, 10) for n in (1, 32)] + [agent_doc("djinn_agents", 64, 0, 0, error="x")]
+    d = claims_of(docs + djinn)["tenant_density"]
+    assert d["status"] == "FAIL" and d["value"] == pytest.approx(3.2)
+    assert d["inputs"]["density_lower_bound"] == pytest.approx(32 / 11)
+
+
 def test_latency_ratio_fails_at_one_n():
     docs = [d for d in scaling_docs() if not (d.baseline == "ray_serverless" and d.n_agents == 2)]
     docs.append(agent_doc("ray_serverless", 2, reason_base=500, reflect_base=400))  # only ~5x Djinn
