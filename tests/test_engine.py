@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from djinn.engine.engine import Engine, EngineError
+from djinn.engine.engine import Engine, EngineError, KVCacheFull
 from djinn.engine.kv_cache import block_bytes
 from djinn.engine.transformer import PagedTransformer
 from tests.conftest import hf_greedy
@@ -111,6 +111,27 @@ def test_recycled_host_blocks_keep_every_parked_cache_intact(tiny_llama):
         assert eng.stats["restores"] >= 6 and eng.cache.overflow  # pinned arena and pageable overflow both used
         pinned_in_use = [h for s in eng.sessions.values() for h in s.host_blocks or [] if h < 3]
         assert eng.sched.host.available == 3 - len(pinned_in_use)  # no pinned block lost or lent twice
+    finally:
+        eng.shutdown()
+
+
+def test_with_device_and_host_full_a_request_is_refused_and_nothing_else_is_lost(tiny_llama):
+    """Host memory for parked KV is bounded (--host-kv-gb): past it nothing parks, and a request that cannot
+    get in is refused at once (the server answers out_of_memory) instead of waiting forever."""
+    bb = block_bytes(PagedTransformer(tiny_llama.model).shape, 16, tiny_llama.model.dtype)
+    eng = small_cache(tiny_llama, 4, host_blocks=0, host_bytes=2 * bb)  # a 3-block session cannot park in 2
+    try:
+        a, b = eng.open_session().result(), eng.open_session().result()
+        first = eng.generate(a.id, PROMPTS[1], 8).result(timeout=30).tokens
+        with pytest.raises(KVCacheFull, match="the KV cache is full: 2 sessions hold 3 of 4 device blocks and 0 of 2"):
+            eng.generate(b.id, list(range(20, 60)), 8).result(timeout=30)
+        snap = eng.snapshot()
+        assert snap["refused"] == 1 and snap["host_kv_blocks"] == 2 and snap["host_kv_blocks_free"] == 2
+        more = eng.generate(a.id, [11], 4).result(timeout=30).tokens  # a is intact and still served
+        assert more == hf_greedy(tiny_llama.model, PROMPTS[1] + first + [11], 4)
+        eng.close_session(a.id).result()
+        assert eng.generate(b.id, list(range(20, 60)), 8).result(timeout=30).tokens == \
+            hf_greedy(tiny_llama.model, list(range(20, 60)), 8)  # b kept nothing of its refused request
     finally:
         eng.shutdown()
 

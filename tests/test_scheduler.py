@@ -229,3 +229,32 @@ def test_the_session_expected_back_last_parks_first_and_a_gone_one_before_all():
     assert [x.id for x in park_order(sessions, 3.5, sched.typical_gap)] == ["c", "b", "a", "d"]
     late = Session("e", last_used=-40.0)  # its usual gap passed twice over: taken as gone
     assert park_order(sessions + [late], 3.5, 10.0)[0] is late
+
+
+def test_when_host_and_device_are_full_the_waiting_requests_are_refused_not_kept_waiting():
+    sched = Scheduler(n_blocks=6, block_size=16, max_running=8, host_blocks=1, host_capacity=3)
+    sessions = {k: Session(k) for k in "abcd"}
+    for i, k in enumerate("ab"):  # two idle sessions of 3 blocks each fill the device
+        r = request(sessions[k], list(range(47)), 1)
+        sched.waiting.append(r)
+        sched.schedule(sessions, lambda n: 2048)
+        run_to_end(sched, r)
+        sessions[k].last_used = i
+    c = request(sessions["c"], list(range(40)), 8)  # 3 blocks: b parks (1 pinned + 2 pageable host blocks)
+    sched.waiting.append(c)
+    plan = sched.schedule(sessions, lambda n: 2048)
+    assert [p[0].id for p in plan.park] == ["b"] and sched.host_held == 3 and plan.refused == []
+    land(sched, plan)
+    assert sched.schedule(sessions, lambda n: 2048).admitted == [c]
+    run_to_end(sched, c)
+    d = request(sessions["d"], list(range(40)), 8)  # 3 more: a and c are idle, but the host is full
+    sched.waiting.append(d)
+    plan = sched.schedule(sessions, lambda n: 2048)
+    assert plan.park == [] and plan.admitted == [] and plan.refused == [d]
+    assert sessions["a"].resident and sessions["c"].resident and sched.host_held == 3
+    # while something runs (it could free blocks when it ends), a request that does not fit waits
+    sched.waiting.remove(d)
+    e = request(sessions["a"], [1], 20)  # a's own growth: 2 more blocks than it holds; none free
+    sched.waiting += [e, d]
+    sched.running.append(Request(sessions["c"], [], 1, Future()))
+    assert sched.schedule(sessions, lambda n: 2048).refused == []

@@ -13,6 +13,7 @@ import torch
 
 from djinn.client import ConcurrencyLimitExceeded, DjinnClient, DjinnError, SessionNotFound
 from djinn.runners.decode import REMOTE_MODES
+from djinn.runners.common import is_oom
 from djinn.runners.local_server import LocalServer
 from djinn.server.config import ServerConfig
 from tests.conftest import ADMIN_TOKEN, TINY_LLAMA, hf_greedy
@@ -218,3 +219,21 @@ def test_dropped_client_is_parked_then_expired(strict_server):
     assert "djinn_sessions 0" in m and "djinn_sessions_expired_total" in m
     blocks = re.search(rf'djinn_engine_kv_blocks{{model="{TINY_LLAMA}"}} (\d+)', m).group(1)
     assert f'djinn_engine_kv_blocks_free{{model="{TINY_LLAMA}"}} {blocks}' in m  # nothing left on the device
+
+
+def test_a_full_kv_cache_answers_out_of_memory_and_keeps_serving(tmp_path):
+    """Four device blocks (--max-slots 1 --max-seq-len 64) and no host memory for parking (--host-kv-gb 0):
+    a second session's request cannot get in while the first holds three blocks, and says so."""
+    config = ServerConfig(model_id=TINY_LLAMA, weights="synthetic", device="cpu", max_slots=1, max_seq_len=64,
+                          host_kv_gb=0)
+    with LocalServer(config, log_path=str(tmp_path / "server.log")) as server, DjinnClient(server.address) as c:
+        a, b = c.open_session(), c.open_session()
+        a.generate(list(range(10, 50)), 8)  # 47 positions: 3 of the 4 blocks
+        with pytest.raises(DjinnError) as refused:
+            b.generate(list(range(20, 60)), 8)
+        assert refused.value.code == "out_of_memory" and is_oom(refused.value)
+        assert "the KV cache is full" in str(refused.value) and "--host-kv-gb" in str(refused.value)
+        assert len(a.generate([11], 4)) == 4  # the first session is served as before
+        a.close()
+        assert len(b.generate(list(range(20, 60)), 8)) == 8
+        assert re.search(rf'djinn_engine_refused{{model="{TINY_LLAMA}"}} 1\b', server.metrics())

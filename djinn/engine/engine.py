@@ -37,6 +37,10 @@ class EngineError(RuntimeError):
     """A request the engine cannot serve (bad session, too long); the server replies with it."""
 
 
+class KVCacheFull(EngineError):
+    """No room for a request's KV on the device nor, by parking idle sessions, on the host."""
+
+
 @dataclass
 class Result:
     tokens: list[int]
@@ -77,7 +81,8 @@ class Engine:
             n_blocks = min(n_blocks, kv_budget_bytes // block_bytes(self.net.shape, block_size, self.dtype) - 1)
         self.cache = PagedKVCache(self.net.shape, int(n_blocks), block_size, max_seq, max_slots, self.dtype,
                                   self.device, host_blocks, host_bytes)
-        self.sched = Scheduler(self.cache.n_blocks, block_size, max_slots, self.cache.host_blocks)
+        self.sched = Scheduler(self.cache.n_blocks, block_size, max_slots, self.cache.host_blocks,
+                               self.cache.host_capacity)
         self.runner = ModelRunner(self.net, self.cache, max_slots, cuda_graphs)
         self.prefill_chunk, self.max_step_ms = prefill_chunk, max_step_ms
         self.sessions: dict[str, Session] = {}
@@ -85,7 +90,7 @@ class Engine:
         self._cost = {"decode_ms": 0.0, "prefill_ms_per_token": 0.0}  # measured, for prefill_budget
         self.stats = {"requests": 0, "tokens_generated": 0, "tokens_prefilled": 0, "decode_steps": 0,
                       "decode_calls": 0, "prefill_calls": 0, "decode_batch_tokens": 0, "parks": 0, "restores": 0,
-                      "reused_sessions": 0, "admit_ms": 0.0, "decode_ms": 0.0, "prefill_ms": 0.0}
+                      "reused_sessions": 0, "refused": 0, "admit_ms": 0.0, "decode_ms": 0.0, "prefill_ms": 0.0}
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="djinn-engine", daemon=True)
@@ -144,7 +149,8 @@ class Engine:
         return dict(self.stats, sessions=len(sessions), resident_sessions=len(sessions) - parked,
                     parked_sessions=parked, kv_blocks=self.cache.n_blocks, kv_blocks_free=self.sched.device.available,
                     kv_block_tokens=self.cache.block_size, kv_cache_bytes=self.cache.nbytes,
-                    host_kv_blocks=self.cache.host_blocks, host_kv_blocks_free=self.sched.host.available,
+                    host_kv_blocks=self.cache.host_capacity, host_kv_pinned_blocks=self.cache.host_blocks,
+                    host_kv_blocks_free=self.cache.host_capacity - self.sched.host_held,
                     max_seq_len=self.max_seq, waiting=len(self.sched.waiting), running=len(self.sched.running))
 
     def shutdown(self) -> None:
@@ -289,7 +295,16 @@ class Engine:
         self._moving = still
 
     def _start(self, plan: Plan) -> None:
-        """Carry out the plan's copies and give admitted requests their table rows."""
+        """Refuse what can never get in, carry out the plan's copies, give admitted requests their table rows."""
+        if plan.refused:
+            full = KVCacheFull(
+                f"the KV cache is full: {len(self.sessions)} sessions hold {self.cache.n_blocks - self.sched.device.available} "
+                f"of {self.cache.n_blocks} device blocks and {self.sched.host_held} of {self.cache.host_capacity} host "
+                f"blocks; close idle sessions or raise --max-vram-gb or --host-kv-gb")
+            self.stats["refused"] += len(plan.refused)
+            log.warning("refusing %d requests: %s", len(plan.refused), full)
+            for r in plan.refused:
+                self._abort(r, full)
         for s, device, host in plan.park:
             s.moving = self.cache.copy_out(device, host)
             self._moving.append((s, "park"))

@@ -16,7 +16,7 @@ import torch
 from djinn.engine.transformer import Shape
 
 log = logging.getLogger("djinn.engine")
-HOST_ARENA_FRACTION = 0.5  # of the host's available memory, pinned at start for parked blocks by default
+HOST_ARENA_FRACTION = 0.5  # of the host's available memory: parked KV's default bound (pinned at start on a GPU)
 
 
 def available_host_bytes(cgroup: str = "/sys/fs/cgroup") -> int:
@@ -76,7 +76,9 @@ class Copy:
 
 class PagedKVCache:
     """``n_blocks`` device blocks (+1 scratch block that padding rows of a batch write to), a block-table
-    row per running request (+1 scratch row), and ``host_blocks`` pinned host blocks allocated once."""
+    row per running request (+1 scratch row), and ``host_blocks`` pinned host blocks allocated once.
+    Parked KV may take ``host_capacity`` host blocks in all: ``host_bytes`` (else half the free host
+    memory), pinned blocks first, then pageable ones allocated as sessions park."""
 
     def __init__(self, shape: Shape, n_blocks: int, block_size: int, max_seq: int, max_rows: int,
                  dtype: torch.dtype, device: torch.device, host_blocks: Optional[int] = 0,
@@ -99,11 +101,12 @@ class PagedKVCache:
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         nbytes = block_bytes(shape, block_size, dtype)
+        budget = host_bytes if host_bytes is not None else available_host_bytes() * HOST_ARENA_FRACTION
         if host_blocks is None:  # auto: pinned memory only pays on a GPU
-            arena = host_bytes if host_bytes is not None else available_host_bytes() * HOST_ARENA_FRACTION
-            host_blocks = auto_host_blocks(n_blocks, nbytes, int(arena)) if self.cuda else 0
-            log.info("pinned host arena: %d blocks of %d tokens (%.1f GiB)", host_blocks, block_size,
-                     host_blocks * nbytes / 2**30)
+            host_blocks = auto_host_blocks(n_blocks, nbytes, int(budget)) if self.cuda else 0
+        self.host_capacity = max(host_blocks, int(budget) // nbytes)  # parked KV on the host: pinned, then pageable
+        log.info("host memory for parked KV: %d blocks of %d tokens (%.1f GiB), %d of them pinned", self.host_capacity,
+                 block_size, self.host_capacity * nbytes / 2**30, host_blocks)
         self.host_blocks = host_blocks
         self.host = torch.empty((host_blocks, *self.block_shape), dtype=dtype, pin_memory=self.cuda and host_blocks > 0)
         self.overflow: dict[int, torch.Tensor] = {}  # past the arena: pageable blocks, kept for reuse

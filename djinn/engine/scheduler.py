@@ -5,7 +5,9 @@ A session's KV lives in fixed-size device blocks (``block_size`` tokens each) li
 memory is counted by the tokens it holds. A request reserves, when admitted, every block it will write
 (prompt and generated tokens), so a running request never waits for memory. When the free blocks do not
 cover a waiting request, idle sessions are parked (the one expected back last first): their blocks are copied to
-host blocks and freed once the copy has landed; a parked session's next request restores them.
+host blocks and freed once the copy has landed; a parked session's next request restores them. The host holds
+at most ``host_capacity`` blocks: when neither memory has room and nothing runs that could free some, the
+waiting requests are refused (the engine answers them out of memory) instead of waiting forever.
 """
 from __future__ import annotations
 
@@ -105,6 +107,7 @@ class Plan:
     admitted: list[Request] = field(default_factory=list)
     decode: list[Request] = field(default_factory=list)
     prefill: list[tuple[Request, int]] = field(default_factory=list)                   # (request, chunk tokens)
+    refused: list[Request] = field(default_factory=list)  # no room on the device nor the host, nothing to wait for
 
 
 def prefill_budget(cap: int, decoding: int, max_step_ms: float, decode_ms: float, prefill_ms_per_token: float) -> int:
@@ -147,11 +150,15 @@ def park_order(idle: list[Session], now: float, typical_gap: Optional[float]) ->
 
 
 class Scheduler:
-    def __init__(self, n_blocks: int, block_size: int, max_running: int, host_blocks: int):
+    def __init__(self, n_blocks: int, block_size: int, max_running: int, host_blocks: int,
+                 host_capacity: Optional[int] = None):
+        """``host_blocks`` pinned host blocks, ``host_capacity`` host blocks in all (pinned first, then
+        pageable ones allocated as sessions park; None: no bound)."""
         self.block_size = block_size
         self.device = BlockAllocator(n_blocks)
         self.rows = BlockAllocator(max_running)
         self.host_pinned = host_blocks      # host ids below this are pinned arena blocks; above, pageable overflow
+        self.host_capacity = host_capacity
         self.host = BlockAllocator(host_blocks)
         self._overflow_next = host_blocks
         self._overflow_free: list[int] = []
@@ -164,8 +171,16 @@ class Scheduler:
     def fits_ever(self, tokens: int) -> bool:
         return blocks_for(tokens, self.block_size) <= self.device.n
 
-    def take_host(self, k: int) -> list[int]:
-        """Host blocks for a park: pinned first, then pageable overflow (never refused, never pinned on demand)."""
+    @property
+    def host_held(self) -> int:
+        """Host blocks holding parked KV, pinned and pageable."""
+        return self.host_pinned - self.host.available + self._overflow_next - self.host_pinned - len(self._overflow_free)
+
+    def take_host(self, k: int) -> Optional[list[int]]:
+        """Host blocks for a park: pinned first, then pageable overflow (never pinned on demand); None when
+        ``k`` more would pass the host capacity."""
+        if self.host_capacity is not None and self.host_held + k > self.host_capacity:
+            return None
         pinned = self.host.take(min(k, self.host.available))
         extra = [self._overflow_free.pop() if self._overflow_free else self._next_overflow() for _ in range(k - len(pinned))]
         return pinned + extra
@@ -203,13 +218,16 @@ class Scheduler:
 
     # -- parking -----------------------------------------------------------------------------
     def park(self, s: Session, plan: Plan) -> bool:
-        """Start parking ``s`` (resident, no request running): its device blocks free when the copy lands."""
+        """Start parking ``s`` (resident, no request running): its device blocks free when the copy lands.
+        False when it cannot park: not resident, nothing to park, or no room left on the host."""
         if not s.resident or s.temporary:
             return False
         self.trim(s)
         if not s.blocks:
             return False
         host = self.take_host(len(s.blocks))
+        if host is None:
+            return False
         plan.park.append((s, list(s.blocks), host))
         s.host_blocks = host
         self.freeing += len(s.blocks)
@@ -304,7 +322,8 @@ class Scheduler:
 
     def _unblock(self, plan: Plan) -> None:
         """Nothing runs and nothing lands, yet the head request does not fit: its queue-mates' sessions
-        park, from the back of the queue, until it will."""
+        park, from the back of the queue, until it will. When none can park (the host is full too), no
+        waiting request can ever get in until sessions close: they are all refused."""
         head = next((r for r in self.waiting if r.session.moving is None), None)
         if head is None:
             return
@@ -315,6 +334,8 @@ class Scheduler:
                 break
             if r.session is not s:
                 self.park(r.session, plan)
+        if not plan.park:
+            plan.refused = [r for r in self.waiting if r.session.moving is None]
 
     def finish(self, r: Request) -> None:
         """``r`` left the running set (done, failed or cancelled): its row and unused blocks go back."""

@@ -59,8 +59,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefill chunks shrink (by measured costs) so a step with running decodes stays within this")
     p.add_argument("--kv-block-size", type=int, default=d.kv_block_size, help="tokens per KV cache block")
     p.add_argument("--host-kv-gb", type=float, default=d.host_kv_gb,
-                   help="host memory pinned at start for parked sessions' blocks, on a GPU (default: half of "
-                        "the available memory, cgroup limit included; beyond it, pageable memory)")
+                   help="host memory for parked sessions' KV, pinned at start on a GPU (default: half of the "
+                        "available memory, cgroup limit included); when it and the device are full, requests "
+                        "that cannot get in are refused out_of_memory")
 
 
 def engine_config_errors(args: argparse.Namespace) -> list[str]:

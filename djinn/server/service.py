@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from djinn.engine.engine import MODES, Engine, EngineError
+from djinn.engine.engine import MODES, Engine, EngineError, KVCacheFull
 from djinn.models.loader import (LoadedModel, ModelLoadError, estimate_weight_bytes, load_model, resolve_device,
                                  shipped_model_ids)
 from djinn.server.config import ServerConfig
@@ -250,6 +250,8 @@ class DjinnService:
         self._check_tokens(entry, tokens)
         try:
             return await asyncio.wrap_future(entry.engine.generate(sid, tokens, max_new_tokens))
+        except KVCacheFull as exc:
+            raise RequestError("out_of_memory", str(exc)) from None
         except EngineError as exc:
             raise RequestError("bad_request", str(exc)) from None
 
@@ -267,6 +269,8 @@ class DjinnService:
             if past_kv is not None:
                 past_kv = tuple(t.to(entry.loaded.dtype) for t in past_kv)
             return await asyncio.wrap_future(entry.engine.forward(tokens, past_kv, return_kv))
+        except KVCacheFull as exc:
+            raise RequestError("out_of_memory", str(exc)) from None
         except EngineError as exc:
             raise RequestError("bad_request", str(exc)) from None
 

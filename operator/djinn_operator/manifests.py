@@ -15,7 +15,7 @@ from . import names, raycluster
 CONTROL_PORT, DATA_PORT = 5555, 5556
 TOKEN_ENV, TOKEN_KEY = "DJINN_AUTH_TOKEN", "token"  # the server and every client read the bearer token there
 SERVER_GRACE_S = int(DEFAULT_SHUTDOWN_GRACE_S)  # --shutdown-grace: in-flight requests finish or are answered
-HOST_ARENA_SHARE = 0.25  # of the server pod's memory request, pinned for parked sessions' caches
+HOST_ARENA_SHARE = 0.25  # of the server pod's memory request: the bound on parked sessions' caches (--host-kv-gb)
 GPU = "nvidia.com/gpu"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 RUN_AS = 10001  # the images' djinn user (numeric, so the kubelet can check runAsNonRoot)
@@ -159,8 +159,8 @@ def auth_secret(exp: Experiment, token: str) -> dict[str, Any]:
 
 def server_command(spec: ExperimentSpec) -> list[str]:
     """The experiment's server config, placed in the pod: every interface (a token guards it), the GPU the
-    pod was given, the grace its termination period allows, and a pinned arena sized from the pod's
-    memory request (the node's free memory is not the pod's)."""
+    pod was given, the grace its termination period allows, and host memory for parked caches sized from
+    the pod's memory request (the node's free memory is not the pod's; past it the server refuses)."""
     gpu = spec.cluster.gpu
     arena_gb = HOST_ARENA_SHARE * parse_quantity(spec.cluster.server_memory) / 2**30
     config = server_config(spec, device="cuda:0" if gpu else "cpu", host="0.0.0.0", port=DATA_PORT,
