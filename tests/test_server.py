@@ -204,11 +204,16 @@ def test_oversized_request_is_refused_and_sessions_expire(strict_server):
             s.generate([4], 1)
 
 
+def _parks(server) -> int:
+    return int(re.search(rf'djinn_engine_parks{{model="{TINY_LLAMA}"}} (\d+)', server.metrics()).group(1))
+
+
 def test_dropped_client_is_parked_then_expired(strict_server):
     c = DjinnClient(strict_server.address).connect()
     s = c.open_session()
     s.generate(PROMPT, 4)
-    c.close()  # drop without closing the session
+    parks = _parks(strict_server)
+    c.close()  # drop without closing the session: its blocks park at once
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         m = strict_server.metrics()
@@ -216,7 +221,8 @@ def test_dropped_client_is_parked_then_expired(strict_server):
             break
         time.sleep(0.3)
     m = strict_server.metrics()
-    assert "djinn_sessions 0" in m and "djinn_sessions_expired_total" in m
+    assert "djinn_sessions 0" in m and int(re.search(r"djinn_sessions_expired_total (\d+)", m).group(1)) >= 1
+    assert _parks(strict_server) == parks + 1  # parked when its client dropped, before it expired
     blocks = re.search(rf'djinn_engine_kv_blocks{{model="{TINY_LLAMA}"}} (\d+)', m).group(1)
     assert f'djinn_engine_kv_blocks_free{{model="{TINY_LLAMA}"}} {blocks}' in m  # nothing left on the device
 

@@ -24,7 +24,7 @@ class ServerConfig:
     prefill_chunk: int = 2048               # most prefill tokens per engine step
     max_step_ms: float = 100.0              # prefill chunks shrink so a step with decodes stays within this
     kv_block_size: int = 16                 # tokens per KV block
-    host_kv_gb: Optional[float] = None      # pinned for parked blocks; None: half the free host memory
+    host_kv_gb: Optional[float] = None      # host memory for parked KV (pinned on a GPU); None: half the free
     session_ttl_s: float = 600.0
     orphan_ttl_s: float = 60.0
     weights: str = "auto"
