@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Optional, Union
 
+from djinn.runners import plan as run_plan
 from djinn.spec import DECODE_MODES, KIND, Baseline, ExperimentSpec, SpecError, parse_spec
 
 from . import manifests, names, raycluster
@@ -140,13 +141,14 @@ def weights_summary(spec: ExperimentSpec) -> str:
 
 def plan_runs(name: str, spec: ExperimentSpec) -> list[Run]:
     """Every run in execution order: families native, ray, djinn; baselines in spec order; N ascending.
-    With decode modes, native_pytorch also runs the Experiment 2.1 reference (n None) first, as
-    ``djinn-bench run`` does locally."""
+    With decode modes, native_pytorch also runs the Experiment 2.1 reference (n None) first, and with
+    djinnSweepCap djinn_agents also runs the swept N, as ``djinn-bench run`` does locally."""
     decode = any(b in DECODE_MODES for b in spec.baselines)
     runs = []
     for fam in FAMILY_ORDER:
         for b in (b.value for b in spec.baselines if family(b.value) == fam):
-            counts: list[Optional[int]] = [None] if Baseline(b) in DECODE_MODES else list(spec.agent_counts)
+            counts: list[Optional[int]] = [None] if Baseline(b) in DECODE_MODES else \
+                list(run_plan.agent_counts(spec, Baseline(b)))
             if b == Baseline.native_pytorch.value and decode:
                 counts = [None, *counts]
             runs += [Run(baseline=b, n=n, job=names.run_job(name, b, n)) for n in counts]
@@ -312,8 +314,10 @@ def _infra_ready(exp: Experiment, fam: str, obs: Observed, st: Status, now: str)
 
 
 def _finish_run(exp: Experiment, st: Status, run: Run, obs: Observed, now: str) -> bool:
-    """Fold the Running run's Job into the status; False while it is still going."""
+    """Fold the Running run's Job into the status; False while it is still going. A swept djinn_agents
+    stops at its first failure of any kind, which then skips its larger N instead of failing the experiment."""
     outcome, reason = job_outcome(obs.job)
+    swept = run.n is not None and run_plan.stops_at_first_failure(exp.spec, Baseline(run.baseline))
     if outcome in ("Missing", "Running"):
         return False
     if outcome == "Failed":
@@ -324,16 +328,20 @@ def _finish_run(exp: Experiment, st: Status, run: Run, obs: Observed, now: str) 
         run.state, run.reason = "Failed", "ResultMissing"
         fail(st, "ResultMissing", f"{run.label}: job {run.job} succeeded but wrote no valid result "
              f"under {st.results_uri}/results/{run.baseline}/", now)
-    elif obs.result.error:
+    elif obs.result.error and not swept:
         run.state, run.reason, run.result_key = "Failed", "RunError", obs.result.key
         fail(st, "RunFailed", f"{run.label} (job {run.job}) failed: {obs.result.error}", now)
     else:
         run.result_key = obs.result.key
-        run.state = "OOM" if obs.result.oom else "Succeeded"
-        if obs.result.oom and exp.spec.stop_on_oom:
+        run.state = "OOM" if obs.result.oom else "Failed" if obs.result.error else "Succeeded"
+        if obs.result.error:
+            run.reason = "SweepLimit"  # the sweep found Djinn's first failure: what it looks for
+        stop = (f"djinnSweepCap: first failure at n={run.n}" if swept and (obs.result.oom or obs.result.error)
+                else f"stopOnOom: OOM at n={run.n}" if obs.result.oom and exp.spec.stop_on_oom else None)
+        if stop:
             for r in st.runs:
                 if r.baseline == run.baseline and r.state == "Pending" and (r.n or 0) > (run.n or 0):
-                    r.state, r.reason = "Skipped", f"stopOnOom: OOM at n={run.n}"
+                    r.state, r.reason = "Skipped", stop
     return True
 
 

@@ -29,9 +29,9 @@ class Sim:
             run = st.runs[i]
             job = self.objs.get(("Job", run.job))
             outcome = self.outcomes.get(run.job, "ok")
-            if plan.job_outcome(job)[0] == "Succeeded" and outcome in ("ok", "oom"):
+            if plan.job_outcome(job)[0] == "Succeeded" and outcome in ("ok", "oom", "error"):
                 result = plan.Result(key=f"results/{run.baseline}/20261122T100000000000Z-abc_n{run.n}.json",
-                                     oom=outcome == "oom")
+                                     oom=outcome == "oom", error="DjinnError: the KV cache is full" if outcome == "error" else None)
         if st.analysis and st.analysis.state == "Running":
             analysis = self.objs.get(("Job", st.analysis.job))
         return plan.Observed(job=job, result=result, analysis=analysis,
@@ -123,6 +123,21 @@ def test_phased_experiment_one_job_at_a_time_with_oom_skip_and_analysis():
     assert status["analysis"]["state"] == "Succeeded" and "current" not in status
     conds = {c["type"]: c for c in status["conditions"]}
     assert conds["Complete"]["status"] == "True" and conds["Progressing"]["status"] == "False"
+
+
+def test_djinn_sweep_runs_doubled_n_and_stops_at_its_first_failure_without_failing_the_experiment():
+    sim = Sim(spec(baselines=["djinn_agents"], agentCounts=[1, 2], djinnSweepCap=16),
+              outcomes={"exp1-djinn-agents-n8": "error"})
+    status = sim.run()
+    assert status["phase"] == "Succeeded"
+    assert sim.jobs() == ["exp1-djinn-agents-n1", "exp1-djinn-agents-n2", "exp1-djinn-agents-n4",
+                          "exp1-djinn-agents-n8", "exp1-analysis"]
+    states = {r["job"]: (r["state"], r.get("reason")) for r in status["runs"]}
+    assert states["exp1-djinn-agents-n8"] == ("Failed", "SweepLimit")
+    assert states["exp1-djinn-agents-n16"] == ("Skipped", "djinnSweepCap: first failure at n=8")
+    # without the sweep the same failure is the experiment's
+    sim = Sim(spec(baselines=["djinn_agents"], agentCounts=[1, 2, 8]), outcomes={"exp1-djinn-agents-n8": "error"})
+    assert sim.run()["phase"] == "Failed"
 
 
 def test_separate_placement_starts_both_holders_up_front():
