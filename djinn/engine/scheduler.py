@@ -174,7 +174,9 @@ class Scheduler:
     @property
     def host_held(self) -> int:
         """Host blocks holding parked KV, pinned and pageable."""
-        return self.host_pinned - self.host.available + self._overflow_next - self.host_pinned - len(self._overflow_free)
+        pinned = self.host_pinned - self.host.available
+        pageable = self._overflow_next - self.host_pinned - len(self._overflow_free)
+        return pinned + pageable
 
     def take_host(self, k: int) -> Optional[list[int]]:
         """Host blocks for a park: pinned first, then pageable overflow (never pinned on demand); None when
