@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Optional
 
+from djinn.runners import plan as run_plan
 from djinn.server.limits import DEFAULT_SHUTDOWN_GRACE_S
 from djinn.server.sizing import server_config
 from djinn.spec import DECODE_MODES, RAY_BASELINES, Baseline, ExperimentSpec, parse_quantity
@@ -239,8 +240,12 @@ def run_command(exp: Experiment, baseline: str, n: Optional[int]) -> list[str]:
     if baseline == "native_pytorch" and n is None:  # the Experiment 2.1 reference: HF generate on the GPU
         return ["djinn-bench", "decode", "--backend", "native", "--spec-json", exp.spec_json(),
                 "--output-dir", exp.results_uri, *_endpoint(exp)]
+    # one N of a Djinn sweep: --djinn-sweep-cap N runs that N alone and, as the sweep's stop, a failure the
+    # result document records exits 0 (a Job that exited 1 would be retried, then fail the experiment)
+    swept = n is not None and run_plan.stops_at_first_failure(exp.spec, Baseline(baseline))
     return ["djinn-bench", "run", "--spec-json", exp.spec_json(), "--baselines", baseline,
-            *(["--agent-counts", str(n)] if n is not None else []), "--output-dir", exp.results_uri,
+            *(["--agent-counts", str(n)] if n is not None else []),
+            *(["--djinn-sweep-cap", str(n)] if swept else []), "--output-dir", exp.results_uri,
             *_endpoint(exp), *(["--djinn-server", exp.djinn_address] if fam == "djinn" else []),
             *(["--ray-address", exp.ray_address] if fam == "ray" else []), "--no-analyze"]
 

@@ -317,9 +317,9 @@ def _finish_run(exp: Experiment, st: Status, run: Run, obs: Observed, now: str) 
     """Fold the Running run's Job into the status; False while it is still going. A swept djinn_agents
     stops at its first failure of any kind, which then skips its larger N instead of failing the experiment."""
     outcome, reason = job_outcome(obs.job)
-    swept = run.n is not None and run_plan.stops_at_first_failure(exp.spec, Baseline(run.baseline))
     if outcome in ("Missing", "Running"):
         return False
+    swept = run.n is not None and run_plan.stops_at_first_failure(exp.spec, Baseline(run.baseline))
     if outcome == "Failed":
         run.state, run.reason = "Failed", reason.split(":")[0]
         said = (obs.result.error if obs.result and obs.result.error else None) or obs.job_message

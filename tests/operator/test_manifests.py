@@ -1,9 +1,12 @@
 """Child manifests: names, server, RayCluster, Jobs (pure, no server)."""
 import json
+import subprocess
+import sys
 
 import kubernetes_validate
 import pytest
 
+from djinn.runners.local_server import free_port
 from djinn.spec import Baseline, ExperimentSpec, parse_spec
 from djinn_operator import manifests, names, raycluster
 
@@ -82,6 +85,34 @@ def test_ray_cluster_head_holds_the_gpu():
     cpu = manifests.ray_cluster(exp(cluster={"gpu": False}))["spec"]["headGroupSpec"]
     assert "num-gpus" not in cpu["rayStartParams"]
     assert raycluster.client_address("exp1-ray", "lab") == "ray://exp1-ray-head-svc.lab.svc:10001"
+
+
+def test_a_swept_djinn_job_records_its_failure_and_exits_0(tmp_path):
+    """One N of a Djinn sweep, the Job's own command run as its pod runs it: the agents cannot reach the
+    server, the document records that, and the process exits 0 (1 would make the Job retry, then fail
+    the experiment) so the operator skips the larger N. Without a sweep the same failure exits 1."""
+    def job_command(e, n):
+        cmd = container(manifests.run_job(e, "djinn_agents", n))["command"]
+        cmd[cmd.index("--output-dir") + 1] = str(tmp_path / e.name)
+        cmd[cmd.index("--djinn-server") + 1] = f"127.0.0.1:{free_port()}"  # nobody listens
+        i = cmd.index("--endpoint-url")
+        del cmd[i:i + 2]
+        return [sys.executable, "-m", "djinn.cli", *cmd[1:]]
+
+    base = {"modelId": "sshleifer/tiny-gpt2", "weights": "synthetic", "device": "cpu", "sleepSeconds": 0,
+            "newTokens": 2, "output": {"uri": "s3://b/p", "endpointUrl": "http://x:9"}}
+    swept = manifests.Experiment("swept", "lab", parse_spec({**base, "baselines": ["djinn_agents"],
+                                                             "agentCounts": [1], "djinnSweepCap": 4}))
+    cmd = job_command(swept, 4)
+    assert cmd[cmd.index("--djinn-sweep-cap") + 1] == "4"
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(next((tmp_path / "swept" / "results" / "djinn_agents").glob("*_n4.json")).read_text())
+    assert doc["n_agents"] == 4 and doc["error"] and not doc["oom"]
+    plain = manifests.Experiment("plain", "lab", parse_spec({**base, "baselines": ["djinn_agents"], "agentCounts": [4]}))
+    cmd = job_command(plain, 4)
+    assert "--djinn-sweep-cap" not in cmd
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=120).returncode == 1
 
 
 def test_run_jobs_call_the_cli_with_the_right_endpoints():
