@@ -9,7 +9,8 @@ pytest.importorskip("triton")
 
 SCRIPT = r'''
 import torch
-from djinn.engine.attention import torch_paged_decode_attention, triton_paged_decode_attention
+from djinn.engine.attention import (torch_paged_decode_attention, torch_paged_prefill_attention,
+                                    triton_paged_decode_attention, triton_paged_prefill_attention)
 torch.manual_seed(0)
 for (NB, KVH, BS, D, H, B, T) in [(12, 2, 16, 16, 4, 3, 40), (40, 4, 8, 32, 4, 2, 130)]:
     kc, vc = torch.randn(NB, KVH, BS, D), torch.randn(NB, KVH, BS, D)
@@ -24,6 +25,19 @@ for (NB, KVH, BS, D, H, B, T) in [(12, 2, 16, 16, 4, 3, 40), (40, 4, 8, 32, 4, 2
         err = ((out - ref).norm() / ref.norm()).item()
         assert err < 1e-5, (splits, err)
 
+# prefill over a cached prefix: rows at different starts, padded to the longest, GQA, scattered blocks
+for (NB, KVH, BS, D, H, B, T) in [(30, 2, 8, 16, 4, 3, 11), (40, 4, 4, 32, 4, 2, 20)]:
+    kc, vc = torch.randn(NB, KVH, BS, D), torch.randn(NB, KVH, BS, D)
+    per_row = NB // (B + 1)
+    tables = torch.randperm(NB)[:(B + 1) * per_row].view(B + 1, per_row).int()
+    rows, lens = torch.randperm(B + 1)[:B], torch.randint(1, T + 1, (B,))
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.randint(1, per_row * BS - T, (B - 1,))])
+    q = torch.randn(B, T, H, D)
+    ref = torch_paged_prefill_attention(q, kc, vc, tables, rows, starts, lens, D ** -0.5)
+    out = triton_paged_prefill_attention(q, kc, vc, tables, rows, starts, lens, D ** -0.5, block_n=16)
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert err < 1e-5, err
+
 from djinn.models import load_model
 from djinn.engine.engine import Engine
 from djinn.runners.hf_agent import greedy
@@ -33,7 +47,11 @@ assert eng.net.use_triton and eng.net.fused is not None
 prompts = [list(range(10, 40)), list(range(50, 60))]
 sessions = [eng.open_session().result() for _ in prompts]
 futs = [eng.generate(s.id, p, 8) for s, p in zip(sessions, prompts)]
-assert [f.result().tokens for f in futs] == [greedy(lm.model, p, 8) for p in prompts]
+outs = [f.result().tokens for f in futs]
+assert outs == [greedy(lm.model, p, 8) for p in prompts]
+# a second request per session prefills over its cached prefix (the paged prefill kernel)
+futs = [eng.generate(s.id, [7, 8, 9], 6) for s in sessions]
+assert [f.result().tokens for f in futs] == [greedy(lm.model, p + o + [7, 8, 9], 6) for p, o in zip(prompts, outs)]
 eng.shutdown()
 
 # fp16, scattered blocks: paged prefill equals the HF forward bit for bit; the fused paged decode step

@@ -10,6 +10,7 @@ shapes, so the decode step can be a CUDA graph. The torch version is the referen
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,82 @@ if triton is not None:
         tl.store(O + b * so_b + h * so_h + d, out.to(O.dtype.element_ty))
 
 
+    @triton.jit
+    def _paged_prefill_kernel(Q, K, V, O, TABLES, ROWS, STARTS, LENS, scale, T,
+                              sq_t, sq_h, sk_b, sk_h, sk_t, st_r, so_t, so_h,
+                              GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        """Program (b, h, query tile): flash attention of row b's queries at positions ``start + m`` over
+        positions ``0..start + m`` of its cache, read through its block table (no gather copy)."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row = tl.load(ROWS + b).to(tl.int64)
+        start = tl.load(STARTS + b)
+        length = tl.load(LENS + b)
+        mvalid = m < length
+        qpos = start + m
+        kvh = h // GROUP
+        d = tl.arange(0, D)
+        q = tl.load(Q + (b * T + m)[:, None] * sq_t + h * sq_h + d[None, :], mask=mvalid[:, None], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        hi = start + tl.minimum(length, (tl.program_id(2) + 1) * BLOCK_M)  # past this tile's last query
+        for n0 in range(0, hi, BLOCK_N):
+            t = n0 + tl.arange(0, BLOCK_N)
+            tvalid = t < hi
+            blk = tl.load(TABLES + row * st_r + t // BS, mask=tvalid, other=0).to(tl.int64)
+            offs = blk[:, None] * sk_b + kvh * sk_h + (t % BS)[:, None] * sk_t + d[None, :]
+            k = tl.load(K + offs, mask=tvalid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = tl.where((t[None, :] <= qpos[:, None]) & tvalid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing to attend to yet
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(V + offs, mask=tvalid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        out = tl.where(mvalid[:, None], acc / l_i[:, None], 0.0)  # padding queries get zeros, never NaN
+        tl.store(O + (b * T + m)[:, None] * so_t + h * so_h + d[None, :], out.to(O.dtype.element_ty),
+                 mask=(m < T)[:, None])
+
+
+def torch_paged_prefill_attention(q, k_cache, v_cache, tables, rows, starts, lens, scale: float):
+    """Reference: q [B, T, H, D] at positions ``starts[b] + t`` attends causally to its row's cache
+    (already holding these positions), gathered; -> [B*T, H*D] (padding queries: zeros)."""
+    B, T, H, D = q.shape
+    end = int((starts + lens).max())
+    kk, vv = gather_positions(k_cache, tables, rows, end), gather_positions(v_cache, tables, rows, end)
+    qpos = starts[:, None] + torch.arange(T, device=q.device)[None, :]  # [B, T]
+    mask = (torch.arange(end, device=q.device)[None, None, :] <= qpos[:, :, None]).unsqueeze(1)
+    with sdpa_kernel(SDPA_BACKENDS):
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, attn_mask=mask, scale=scale,
+                                           enable_gqa=kk.shape[1] != H)
+    valid = (torch.arange(T, device=q.device)[None, :] < lens[:, None]).view(B, T, 1, 1)
+    return o.transpose(1, 2).masked_fill(~valid, 0).reshape(B * T, H * D)
+
+
+def triton_paged_prefill_attention(q, k_cache, v_cache, tables, rows, starts, lens, scale: float,
+                                   block_m: Optional[int] = None, block_n: int = 32, warps: int = 4, stages: int = 3):
+    """q [B, T, H, D] (any strides with a unit last one) -> [B*T, H*D]; see :func:`torch_paged_prefill_attention`.
+    Query tiles of 32 (64 for chunks of 256+ tokens) and key tiles of 32 were the fastest on an H200 for
+    113 rows of 18, 28 of 72 and 4 of 512 (scripts/gpu/tune_attention.py)."""
+    B, T, H, D = q.shape
+    block_m = block_m or (64 if T >= 256 else 32)
+    q = q.reshape(B * T, H, D)
+    out = torch.empty(B * T, H, D, dtype=q.dtype, device=q.device)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    _paged_prefill_kernel[(B, H, triton.cdiv(T, block_m))](
+        q, k_cache, v_cache, out, tables, rows, starts, lens, scale, T,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
+        out.stride(0), out.stride(1), GROUP=H // k_cache.shape[1], D=D, BS=k_cache.shape[2], BLOCK_M=block_m,
+        BLOCK_N=block_n, PRECISION=precision, num_warps=warps, num_stages=stages)
+    return out.view(B * T, H * D)
+
+
 def decode_splits(batch: int, heads: int, max_seq: int, sms: int, block_size: int = 16) -> int:
     """Splits of each row's positions so that batch x heads x splits programs fill the GPU about twice
     (a power of two, at least a block of positions per split)."""
@@ -119,8 +196,10 @@ def decode_splits(batch: int, heads: int, max_seq: int, sms: int, block_size: in
 
 
 def triton_paged_decode_attention(q, k_cache, v_cache, tables, rows, lengths, scale: float, tile: int = 64,
-                                  splits: int = 1):
-    """q [B, H, D], caches [blocks, KVH, BS, D] (same strides), tables [R, max_blocks], rows/lengths [B] -> [B, H*D]."""
+                                  splits: int = 1, warps: int = 2, stages: int = 2):
+    """q [B, H, D], caches [blocks, KVH, BS, D] (same strides), tables [R, max_blocks], rows/lengths [B] -> [B, H*D].
+    Two warps a program read the KV at 3.8-4.1 TB/s on an H200 for 512-1,024 rows of 123-190 positions
+    (four warps: 3.0-3.2; scripts/gpu/tune_attention.py)."""
     B, H, D = q.shape
     group = H // k_cache.shape[1]
     out = torch.empty_like(q)
@@ -130,7 +209,8 @@ def triton_paged_decode_attention(q, k_cache, v_cache, tables, rows, lengths, sc
     _paged_decode_kernel[(B, H, splits)](q, k_cache, v_cache, out, part, part_l, tables, rows, lengths, scale,
                                          q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
                                          k_cache.stride(2), tables.stride(0), out.stride(0), out.stride(1),
-                                         GROUP=group, D=D, BS=k_cache.shape[2], TILE=tile, SPLITS=splits)
+                                         GROUP=group, D=D, BS=k_cache.shape[2], TILE=tile, SPLITS=splits,
+                                         num_warps=warps, num_stages=stages)
     if splits > 1:
         _split_reduce_kernel[(B, H)](out, part, part_l, out.stride(0), out.stride(1), D=D, SPLITS=splits)
     return out.view(B, H * D)

@@ -1,18 +1,22 @@
-"""A fused decode step for Llama-style models on the GPU (Triton).
+"""Fused decode steps and prefill calls for Llama-style models on the GPU (Triton).
 
 The HF modules spend ~45 small kernels per layer on a one-token step (fp32 RMSNorm, rotary as
 multiply/cat, KV scatters, SiLU, residual adds); at batch 1 their launches cost about as much as
-reading the weights. Here each layer is: residual-add + RMSNorm (1 kernel), one q|k|v GEMV,
-rotary + KV-cache write (1), paged attention (1), o GEMV, add + RMSNorm (1), one gate|up GEMV,
-SiLU-multiply (1), down GEMV: 9 kernels. Every rounding step matches HF's half-precision order, so the
-logits equal the HF modules' up to the order of one reduction.
+reading the weights, and in a 2,000-token prefill their passes over fp32 copies cost a third of the
+call (measured on an H200: 60.5 ms for 28 rows of 72 tokens, 37.5 ms of it GEMMs). Here each layer is:
+residual-add + RMSNorm (1 kernel), one q|k|v GEMM, rotary + KV-cache write (1), attention, o GEMM,
+add + RMSNorm (1), one gate|up GEMM, SiLU-multiply (1), down GEMM. Every rounding step matches HF's
+half-precision order, so the logits equal the HF modules' up to the order of one reduction.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from djinn.engine.attention import triton, triton_paged_decode_attention
+from torch.nn.attention import sdpa_kernel
+
+from djinn.engine.attention import (SDPA_BACKENDS, triton, triton_paged_decode_attention,
+                                    triton_paged_prefill_attention)
 
 if triton is not None:
     import triton.language as tl
@@ -33,20 +37,26 @@ if triton is not None:
         tl.store(OUT + row * N + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype), mask=m)
 
     @triton.jit
-    def _rope_store_kernel(Q, K, V, QOUT, KC, VC, COS, SIN, POS, TABLES, ROWS,
-                           sq, sk, sv, sc_b, sc_h, sc_t, st_r, H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
+    def _rope_store_kernel(Q, K, V, QOUT, KOUT, KC, VC, COS, SIN, POS, TABLES, ROWS,
+                           sq, sk, sv, sc_b, sc_h, sc_t, st_r, H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr,
+                           BS: tl.constexpr, HB: tl.constexpr, WRITE_K: tl.constexpr):
+        """Program (token b, group g of HB heads): rotary on those q heads (g < H / HB) or k heads, whose k
+        and v go into token b's cache slot (its row's block for its position); ``WRITE_K``: the rotated k
+        also to KOUT [tokens, KVH, D] (prefill's attention)."""
         b = tl.program_id(0)
-        j = tl.program_id(1)
-        half = tl.arange(0, D // 2)
+        g = tl.program_id(1)
+        half = tl.arange(0, D // 2)[None, :]
         pos = tl.load(POS + b).to(tl.int64)
         c1 = tl.load(COS + pos * D + half).to(tl.float32)
         c2 = tl.load(COS + pos * D + D // 2 + half).to(tl.float32)
         s1 = tl.load(SIN + pos * D + half).to(tl.float32)
         s2 = tl.load(SIN + pos * D + D // 2 + half).to(tl.float32)
-        if j < H:
-            src = Q + b * sq + j * D
+        is_q = g < H // HB
+        heads = (tl.where(is_q, g, g - H // HB) * HB + tl.arange(0, HB))[:, None]
+        if is_q:
+            src = Q + b * sq + heads * D
         else:
-            src = K + b * sk + (j - H) * D
+            src = K + b * sk + heads * D
         x1 = tl.load(src + half)
         x2 = tl.load(src + D // 2 + half)
         dt = x1.dtype
@@ -54,19 +64,23 @@ if triton is not None:
         # HF: q * cos + rotate_half(q) * sin, each product and the sum rounded to the model dtype
         o1 = ((f1 * c1).to(dt).to(tl.float32) + (-f2 * s1).to(dt).to(tl.float32)).to(dt)
         o2 = ((f2 * c2).to(dt).to(tl.float32) + (f1 * s2).to(dt).to(tl.float32)).to(dt)
-        if j < H:
-            dst = QOUT + b * H * D + j * D
+        if is_q:
+            dst = QOUT + b * H * D + heads * D
             tl.store(dst + half, o1)
             tl.store(dst + D // 2 + half, o2)
         else:
             row = tl.load(ROWS + b).to(tl.int64)
             blk = tl.load(TABLES + row * st_r + pos // BS).to(tl.int64)
-            off = blk * sc_b + (j - H) * sc_h + (pos % BS) * sc_t
+            off = blk * sc_b + heads * sc_h + (pos % BS) * sc_t
             tl.store(KC + off + half, o1)
             tl.store(KC + off + D // 2 + half, o2)
-            vsrc = V + b * sv + (j - H) * D
+            vsrc = V + b * sv + heads * D
             tl.store(VC + off + half, tl.load(vsrc + half))
             tl.store(VC + off + D // 2 + half, tl.load(vsrc + D // 2 + half))
+            if WRITE_K:
+                kdst = KOUT + b * KVH * D + heads * D
+                tl.store(kdst + half, o1)
+                tl.store(kdst + D // 2 + half, o2)
 
     @triton.jit
     def _silu_mul_kernel(GU, OUT, N: tl.constexpr, BLOCK: tl.constexpr):
@@ -110,8 +124,10 @@ def _concat_weights(*linears) -> torch.Tensor:
     return fused
 
 
-class FusedLlamaDecode:
-    """``decode(kv, tables, rows, tokens, positions) -> logits`` with the fused kernels."""
+class FusedLlama:
+    """``decode(kv, tables, rows, tokens, positions) -> logits`` and ``prefill(...)`` with the fused kernels:
+    both run every token through the same per-token kernels; only attention differs (decode: the paged
+    split kernel; prefill: SDPA over the chunk when every row starts at 0, else the paged prefill kernel)."""
 
     def __init__(self, net):
         self.net = net
@@ -123,6 +139,9 @@ class FusedLlamaDecode:
         self.cos, self.sin = net.rope_table
         s = net.shape
         self.H, self.KVH, self.D = s.n_heads, s.n_kv_heads, s.head_dim
+        # rotary programs take heads in groups (one program per head and token cost 3.5 ms of a 2,000-token
+        # prefill on an H200): the largest power of two up to 8 that divides both head counts
+        self.heads_per_program = next(g for g in (8, 4, 2, 1) if self.H % g == 0 and self.KVH % g == 0)
         self.w_qkv = [_concat_weights(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj)
                       for l in self.layers]
         self.w_gate_up = [_concat_weights(l.mlp.gate_proj, l.mlp.up_proj) for l in self.layers]
@@ -140,28 +159,60 @@ class FusedLlamaDecode:
                 and getattr(net.model.config, "hidden_act", None) == "silu"
                 and hasattr(layer.input_layernorm, "variance_epsilon"))
 
-    def decode(self, kv, tables, rows, tokens, positions):
-        B = tokens.shape[0]
-        H, KVH, D = self.H, self.KVH, self.D
+    def _forward(self, kv, tables, rows, tokens, positions, attend, keep_k: bool = False):
+        """Tokens [N] at ``positions`` [N], token i's K/V into row ``rows[i]``'s blocks; ``attend(li, q, k, v)``
+        -> [N, H*D] with q rotated [N, H, D], k rotated (``keep_k``, else None) and v [N, KVH*D]. Returns the
+        final-normed hidden states [N, hidden]."""
+        N = tokens.shape[0]
+        H, KVH, D, hb = self.H, self.KVH, self.D, self.heads_per_program
         residual = self.embed(tokens)
         h = _add_rmsnorm(residual, None, self.layers[0].input_layernorm.weight, self.eps[0][0])
-        lengths = positions + 1
-        splits = self.net.splits(B, tables, kv.shape[4])
         for li, layer in enumerate(self.layers):
-            attn = layer.self_attn
             qkv = F.linear(h, self.w_qkv[li])
             q, k, v = qkv.split([H * D, KVH * D, KVH * D], dim=1)
-            q_rot = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
+            q_rot = torch.empty(N, H, D, dtype=q.dtype, device=q.device)
+            k_rot = torch.empty(N, KVH, D, dtype=q.dtype, device=q.device) if keep_k else q_rot
             kc, vc = kv[:, li, 0], kv[:, li, 1]
-            _rope_store_kernel[(B, H + KVH)](q, k, v, q_rot, kc, vc, self.cos, self.sin, positions, tables, rows,
-                                             q.stride(0), k.stride(0), v.stride(0),
-                                             kc.stride(0), kc.stride(1), kc.stride(2), tables.stride(0),
-                                             H=H, D=D, BS=kc.shape[2])
-            o = triton_paged_decode_attention(q_rot, kc, vc, tables, rows, lengths, self.net.scale, splits=splits)
-            h = _add_rmsnorm(residual, F.linear(o, attn.o_proj.weight), layer.post_attention_layernorm.weight,
-                             self.eps[li][1])
-            mlp = layer.mlp
+            _rope_store_kernel[(N, (H + KVH) // hb)](q, k, v, q_rot, k_rot, kc, vc, self.cos, self.sin, positions,
+                                                     tables, rows, q.stride(0), k.stride(0), v.stride(0),
+                                                     kc.stride(0), kc.stride(1), kc.stride(2), tables.stride(0),
+                                                     H=H, KVH=KVH, D=D, BS=kc.shape[2], HB=hb, WRITE_K=keep_k)
+            o = attend(li, q_rot, k_rot if keep_k else None, v)
+            h = _add_rmsnorm(residual, F.linear(o, layer.self_attn.o_proj.weight),
+                             layer.post_attention_layernorm.weight, self.eps[li][1])
             m = _silu_mul(F.linear(h, self.w_gate_up[li]))
             nxt = self.layers[li + 1].input_layernorm if li + 1 < len(self.layers) else self.norm
-            h = _add_rmsnorm(residual, F.linear(m, mlp.down_proj.weight), nxt.weight, nxt.variance_epsilon)
-        return self.lm_head(h)
+            h = _add_rmsnorm(residual, F.linear(m, layer.mlp.down_proj.weight), nxt.weight, nxt.variance_epsilon)
+        return h
+
+    def decode(self, kv, tables, rows, tokens, positions):
+        lengths = positions + 1
+        splits = self.net.splits(tokens.shape[0], tables, kv.shape[4])
+
+        def attend(li, q, _k, _v):
+            return triton_paged_decode_attention(q, kv[:, li, 0], kv[:, li, 1], tables, rows, lengths, self.net.scale,
+                                                 splits=splits)
+        return self.lm_head(self._forward(kv, tables, rows, tokens, positions, attend))
+
+    def prefill(self, kv, tables, rows, tokens, starts, lens, prefix: bool):
+        """Row b's ``lens[b]`` tokens of ``tokens`` [B, T] at positions ``starts[b]..``: last-position logits.
+        Padding tokens write to the scratch row's block (the table's last row points every entry at it)."""
+        B, T = tokens.shape
+        H, KVH, D = self.H, self.KVH, self.D
+        steps = torch.arange(T, device=tokens.device)
+        valid = steps[None, :] < lens[:, None]
+        positions = torch.where(valid, starts[:, None] + steps, starts[:, None]).reshape(-1)
+        token_rows = torch.where(valid, rows[:, None], tables.shape[0] - 1).reshape(-1)
+
+        def attend(li, q, k, v):
+            if prefix:
+                return triton_paged_prefill_attention(q.view(B, T, H, D), kv[:, li, 0], kv[:, li, 1], tables, rows,
+                                                      starts, lens, self.net.scale)
+            with sdpa_kernel(SDPA_BACKENDS):  # every row starts at 0: causal within the chunk, padding last
+                o = F.scaled_dot_product_attention(q.view(B, T, H, D).transpose(1, 2), k.view(B, T, KVH, D).transpose(1, 2),
+                                                   v.view(B, T, KVH, D).transpose(1, 2), is_causal=True,
+                                                   scale=self.net.scale, enable_gqa=KVH != H)
+            return o.transpose(1, 2).reshape(B * T, H * D)
+
+        h = self._forward(kv, tables, token_rows, tokens.reshape(-1), positions, attend, keep_k=not prefix)
+        return self.lm_head(h.view(B, T, -1)[torch.arange(B, device=h.device), lens - 1])

@@ -118,6 +118,8 @@ class PagedTransformer:
         ``starts[b]..``; ``end`` = max(starts + lens); ``prefix``: some row starts past 0 and attends to its
         cache through the tables. Padding writes only to the scratch block (the last one). Returns each
         row's last real position's logits [B, V]."""
+        if self.fused is not None:
+            return self.fused.prefill(kv, tables, rows, tokens, starts, lens, prefix)
         B, T = tokens.shape
         bs = kv.shape[4]
         steps = torch.arange(T, device=tokens.device)
@@ -187,9 +189,9 @@ class PagedTransformer:
 
     def enable_triton(self, probe: torch.Tensor) -> bool:
         """Use the in-place Triton attention when it runs on ``probe``'s device."""
-        from djinn.engine.fused import FusedLlamaDecode
+        from djinn.engine.fused import FusedLlama
 
         self.use_triton = triton_supported(probe, self.shape.head_dim)
         self.sms = torch.cuda.get_device_properties(probe.device).multi_processor_count if probe.is_cuda else 132
-        self.fused = FusedLlamaDecode(self) if self.use_triton and FusedLlamaDecode.supported(self) else None
+        self.fused = FusedLlama(self) if self.use_triton and FusedLlama.supported(self) else None
         return self.use_triton
