@@ -110,7 +110,8 @@ if triton is not None:
         tl.store(O + b * so_b + h * so_h + d, out.to(O.dtype.element_ty))
 
 
-    @triton.jit
+    # T varies call to call: specializing on it (T % 16 == 0, T == 1) would compile mid-run (~0.6 s each)
+    @triton.jit(do_not_specialize=["T"])
     def _paged_prefill_kernel(Q, K, V, O, TABLES, ROWS, STARTS, LENS, scale, T,
                               sq_t, sq_h, sk_b, sk_h, sk_t, st_r, so_t, so_h,
                               GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,

@@ -40,6 +40,7 @@ class ModelRunner:
             self.inputs = torch.zeros(3, n, dtype=torch.int64, device=cache.device)  # rows, tokens, positions
             self.staging = torch.zeros(3, n, dtype=torch.int64, pin_memory=True)
             self._capture()
+            self._warm_prefill()
 
     def _step(self, b: int) -> torch.Tensor:
         """One step that also feeds its tokens back as the next step's inputs (positions + 1), so
@@ -66,6 +67,15 @@ class ModelRunner:
             self.graphs[b] = (graph, out)
         torch.cuda.synchronize(self.cache.device)
         log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+
+    def _warm_prefill(self) -> None:
+        """Compile every prefill kernel variant now, not at some agent's first request (a Reflect waited
+        0.6 s for the prefix kernel on an H200): fresh and prefix, short and long chunks, on the scratch row."""
+        row = self.cache.scratch_row
+        for width, start in ((1, 0), (1, 1), (256, 0), (256, 1)):
+            if start + width <= self.cache.max_seq:
+                self.prefill([row], [[0] * width], [start])
+        torch.cuda.synchronize(self.cache.device)
 
     def decode(self, rows: list[int], tokens: list[int], positions: list[int], steps: int = 1) -> list[list[int]]:
         """``steps`` greedy steps of the batch (each row's KV blocks reserved for them): the tokens of each step."""
