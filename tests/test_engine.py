@@ -5,6 +5,7 @@ import pytest
 
 from djinn.engine.engine import Engine, EngineError, KVCacheFull
 from djinn.engine.kv_cache import block_bytes
+from djinn.engine.model_runner import bucket_sizes
 from djinn.engine.transformer import PagedTransformer
 from tests.conftest import hf_greedy
 
@@ -198,3 +199,10 @@ def test_a_lone_decode_runs_several_steps_per_host_round_trip_and_stays_exact(en
     s = engine.open_session().result()
     assert engine.generate(s.id, PROMPTS[0], 40).result(timeout=30).tokens == hf_greedy(tiny_llama.model, PROMPTS[0], 40)
     assert engine.stats["decode_steps"] == 39 and engine.stats["decode_calls"] < 20
+
+
+def test_graph_buckets_double_then_grow_by_128_so_a_large_batch_pads_little():
+    sizes = bucket_sizes(1024)
+    assert sizes == [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024]
+    assert bucket_sizes(1000)[-1] == 1024 and bucket_sizes(3) == [1, 2, 4] and bucket_sizes(1) == [1]
+    assert next(b for b in sizes if b >= 600) == 640
