@@ -489,6 +489,8 @@ def events(old: Status, new: Status) -> list[Event]:
     for r in new.runs:
         if r.state != before.get(r.job, "Pending") and r.state in _RUN_EVENTS:
             kind, reason, verb = _RUN_EVENTS[r.state]
+            if r.reason == "SweepLimit":  # what a Djinn sweep looks for, not a problem to look at
+                kind, reason, verb = "Normal", "SweepLimit", "found Djinn's limit: failed"
             detail = f" ({r.reason})" if r.reason else ""
             out.append(Event(kind, reason, f"{r.label} {verb}{detail} (job {r.job})"))
     for type_ in _WARNING_CONDITIONS:

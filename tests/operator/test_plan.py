@@ -334,6 +334,16 @@ def test_events_tell_phase_changes_runs_and_new_problems_once():
     assert [(e.type, e.reason) for e in plan.events(new, refused)] == [("Warning", "ChildRejected")]
 
 
+def test_a_sweep_finding_djinns_limit_is_a_normal_event_and_any_other_failed_run_a_warning():
+    old, _ = plan.prepare("exp1", "lab", spec(baselines=["djinn_agents"], agentCounts=[1], djinnSweepCap=2), {}, NOW)
+    old.runs[0].state = "Running"
+    new = old.model_copy(deep=True)
+    new.runs[0].state, new.runs[0].reason = "Failed", "SweepLimit"
+    assert [(e.type, e.reason) for e in plan.events(old, new)] == [("Normal", "SweepLimit")]
+    new.runs[0].reason = "RunError"
+    assert [(e.type, e.reason) for e in plan.events(old, new)] == [("Warning", "RunFailed")]
+
+
 def test_weights_auto_is_made_explicit_at_planning_and_pretrained_needs_a_source():
     st, exp = plan.prepare("exp1", "lab", spec(), {}, NOW)
     assert exp.spec.weights == "synthetic" and st.weights.startswith("synthetic: sshleifer/tiny-gpt2")
