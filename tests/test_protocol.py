@@ -9,14 +9,15 @@ from djinn.server import protocol
 
 def test_round_trip_of_header_and_tensors():
     frame = protocol.encode({"op": "x", "n": 3}, {"a": torch.randn(2, 3).half(), "b": torch.arange(4),
-                                                  "c": torch.ones(2).bfloat16(), "e": torch.empty(0, 2)})
+                                                  "c": torch.ones(2).bfloat16(), "e": torch.empty(0, 2),
+                                                  "s": torch.tensor(7)})
     magic, version, length = struct.unpack(">4sBI", frame[:9])
     assert (magic, version, length) == (b"DJNN", 1, len(frame) - 9)
     header, tensors = protocol.decode_payload(frame[9:])
     assert header == {"op": "x", "n": 3}
     assert tensors["a"].dtype == torch.float16 and tensors["a"].shape == (2, 3)
     assert tensors["b"].tolist() == [0, 1, 2, 3] and tensors["c"].dtype == torch.bfloat16
-    assert tensors["e"].shape == (0, 2)
+    assert tensors["e"].shape == (0, 2) and tensors["s"].shape == () and tensors["s"].item() == 7
 
 
 @pytest.mark.parametrize("payload", [

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import torch
 
 from djinn.client import ConcurrencyLimitExceeded, DjinnClient, DjinnError, SessionNotFound, Unauthorized
 from djinn.runners.local_server import LocalServer, free_port
@@ -125,6 +126,10 @@ def test_2_wrong_types_are_refused_at_the_boundary_and_a_neighbour_is_untouched(
             assert err.value.code == "bad_request"
         with pytest.raises(DjinnError, match="^return_kv: expected true or false"):
             c.request("forward", tokens=[1], return_kv="yes")
+        for tokens in (torch.tensor(5), torch.ones(2, 2, dtype=torch.int64), torch.ones(2)):  # a scalar, 2-D, float
+            with pytest.raises(DjinnError, match=r"^tokens: expected a 1-D int64 tensor of token ids") as err:
+                c.request("generate", {"tokens": tokens}, session_id=s.id, session_key=s.key, max_new_tokens=1)
+            assert err.value.code == "bad_request"
     t.join(timeout=60)
     assert result["tokens"] == hf_greedy(tiny_llama.model, PROMPT, 60)
 

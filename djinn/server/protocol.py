@@ -40,7 +40,7 @@ def encode(header: dict[str, Any], tensors: Optional[dict[str, torch.Tensor]] = 
         if dtype not in _DTYPES:
             raise ProtocolError(f"tensor {name!r}: dtype {dtype} cannot travel")
         t = t.detach().cpu().contiguous()
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""  # 0-D tensors too
         metas.append({"name": name, "dtype": dtype, "shape": list(t.shape), "offset": offset, "nbytes": len(data)})
         blobs.append(data)
         offset += len(data)

@@ -50,7 +50,7 @@ def _tokens(header: dict, tensors: dict, key: str = "tokens") -> list[int]:
     """Token ids: an int64/int32 tensor, or a JSON list of integers (never booleans)."""
     if key in tensors:
         t = tensors[key]
-        if t.dtype not in (torch.int64, torch.int32) or t.dim() > 1:
+        if t.dtype not in (torch.int64, torch.int32) or t.dim() != 1:
             raise RequestError("bad_request", f"{key}: expected a 1-D int64 tensor of token ids, "
                                               f"got {str(t.dtype).removeprefix('torch.')} of shape {list(t.shape)}")
         return t.tolist()
