@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import djinn.server.service as service_module
 from djinn.server.service import DjinnService, RequestError, ServerConfig, build_engine, kv_budget_bytes
 
 GiB = 1 << 30
@@ -18,6 +19,12 @@ def _entry(weight_bytes, pool_bytes):
 def budget(service, weight_bytes, device):
     """What the server leaves a new model's KV cache (as its load does)."""
     return kv_budget_bytes(service.config.max_vram_gb, weight_bytes, device, service._used_bytes())
+
+
+@pytest.fixture(autouse=True)
+def roomy_host(monkeypatch):
+    """A host with 1 TiB free, so the CPU budgets below are --max-vram-gb's (one test shrinks it)."""
+    monkeypatch.setattr(service_module, "available_host_bytes", lambda: 1024 * GiB)
 
 
 def test_server_budget_is_the_cap_less_weights_and_a_reserve():
@@ -39,6 +46,35 @@ def test_server_budget_never_exceeds_the_device(monkeypatch):
     service = DjinnService(ServerConfig(max_vram_gb=80))  # more than the 8 GiB device has
     cap = 8 * GiB * 0.92
     assert budget(service, 1 * GiB, torch.device("cuda", 0)) == int(cap - 1 * GiB - (0.05 * cap + 0.1 * GiB))
+
+
+def test_on_the_cpu_the_host_free_memory_caps_the_budget(monkeypatch):
+    """A CPU server's KV cache and a wire-loaded model live in host memory: past what is free, the server
+    would be OOM-killed with every session (a client's load_model of the 7B config did that on 24 GiB)."""
+    monkeypatch.setattr(service_module, "available_host_bytes", lambda: 20 * GiB)
+    service = DjinnService(ServerConfig(max_vram_gb=80))
+    service.models["other"] = _entry(2 * GiB, 3 * GiB)  # already out of the free memory
+    cap = 25 * GiB
+    assert budget(service, 1 * GiB, torch.device("cpu")) == int(cap - 5 * GiB - 1 * GiB - (0.05 * cap + 0.1 * GiB))
+    with pytest.raises(RequestError, match=r"^the host's free memory \(25.0 GiB\) leaves no room for the KV cache "
+                                           r"after 25.10 GiB of weights; load a smaller model or dtype$") as err:
+        budget(service, int(25.1 * GiB), torch.device("cpu"))
+    assert err.value.code == "out_of_memory"
+    # the engine is sized after the load, when the weights are no longer free: the budget the check saw
+    checked = budget(service, 12 * GiB, torch.device("cpu"))
+    monkeypatch.setattr(service_module, "available_host_bytes", lambda: 8 * GiB)
+    assert kv_budget_bytes(80, 12 * GiB, torch.device("cpu"), service._used_bytes(), weights_resident=True) == checked
+
+
+def test_a_wire_load_past_the_host_memory_is_refused_before_loading(monkeypatch):
+    import asyncio
+
+    monkeypatch.setattr(service_module, "available_host_bytes", lambda: 4 * GiB)
+    monkeypatch.setattr(service_module, "load_model", lambda *a, **k: pytest.fail("loaded a model that cannot fit"))
+    service = DjinnService(ServerConfig(device="cpu"))
+    with pytest.raises(RequestError, match=r"^the host's free memory \(4.0 GiB\) leaves no room") as err:
+        asyncio.run(service.load("meta-llama/Llama-2-7b-hf", "synthetic", "float16"))
+    assert err.value.code == "out_of_memory" and not service.models
 
 
 def test_server_refuses_a_cap_with_no_room_for_kv():

@@ -308,3 +308,41 @@ def test_a_client_reconnects_by_itself_after_the_servers_idle_timeout(server):
         s.generate([1, 2, 3], 2)
         time.sleep(3.5)  # --idle-timeout 3: the server closed the connection (with a reply nobody read)
         assert len(s.generate([4, 5], 2)) == 2  # reconnected, authenticated, same session by its key
+
+
+def test_a_client_loading_another_model_leaves_the_server_ready(monkeypatch):
+    """/healthz is the server pod's readiness probe: while a client's load_model runs (a 7B takes a minute),
+    the model already loaded keeps serving, so the pod must stay in its Service."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    import djinn.server.service as service_module
+    from djinn.server.server import control_app
+    from djinn.server.service import DjinnService, RequestError
+
+    release = threading.Event()
+    monkeypatch.setattr(service_module, "estimate_weight_bytes", lambda *a: 1 << 20)
+
+    def slow_load(*args):
+        release.wait(30)
+        raise OSError("the test stopped this load")
+    monkeypatch.setattr(service_module, "load_model", slow_load)
+
+    async def probe():
+        service = DjinnService(ServerConfig(device="cpu"))
+        service.models[TINY_LLAMA] = SimpleNamespace(loaded=SimpleNamespace(weight_bytes=0),
+                                                     engine=SimpleNamespace(cache=SimpleNamespace(nbytes=0)))
+        async with TestClient(TestServer(control_app(service, service.config, 5))) as http_client:
+            loading = asyncio.create_task(service.load("sshleifer/tiny-gpt2"))
+            await asyncio.sleep(0.2)
+            assert not loading.done()  # the load is in flight
+            r = await http_client.get("/healthz")
+            status, body = r.status, await r.json()
+            release.set()
+            with pytest.raises(RequestError, match="the test stopped this load"):
+                await loading
+        return status, body
+
+    assert asyncio.run(probe()) == (200, {"status": "ok", "models": [TINY_LLAMA]})

@@ -248,7 +248,8 @@ def control_app(service: DjinnService, config: ServerConfig, read_timeout: float
         return await handler(request)
 
     async def healthz(_):
-        ready = not service.loading and bool(service.models) and not service.draining
+        # ready once a model serves: a client loading another one must not take the pod out of its Service
+        ready = bool(service.models) and not service.draining
         status = "ok" if ready else "stopping" if service.draining else "loading"
         return web.json_response({"status": status, "models": list(service.models)}, status=200 if ready else 503)
 

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from djinn.engine.engine import MODES, Engine, EngineError, KVCacheFull
+from djinn.engine.kv_cache import available_host_bytes
 from djinn.models.loader import (LoadedModel, ModelLoadError, estimate_weight_bytes, load_model, resolve_device,
                                  shipped_model_ids)
 from djinn.server.config import ServerConfig
@@ -36,25 +37,33 @@ class RequestError(Exception):
         self.code = code
 
 
-def kv_budget_bytes(max_vram_gb: float, weight_bytes: int, device: torch.device, used_bytes: int = 0) -> int:
-    """Device bytes left for a model's KV cache: --max-vram-gb (and 92% of the device) less what is
-    loaded, the weights, and a reserve for activations and allocator slack. The one budget every place
-    that builds an engine uses (the server, bench-engine)."""
-    cap = max_vram_gb * GiB
+def kv_budget_bytes(max_vram_gb: float, weight_bytes: int, device: torch.device, used_bytes: int = 0,
+                    weights_resident: bool = False) -> int:
+    """Device bytes left for a model's KV cache: --max-vram-gb (and 92% of a GPU, or on the CPU the host's
+    free memory) less what is loaded, the weights, and a reserve for activations and allocator slack. The
+    one budget every place that builds an engine uses (the server, bench-engine). ``weights_resident``: the
+    weights are loaded already (so, on the CPU, no longer in the free memory)."""
+    cap, limit, fix = max_vram_gb * GiB, f"--max-vram-gb {max_vram_gb}", "raise it"
     if device.type == "cuda":
-        cap = min(cap, torch.cuda.get_device_properties(device).total_memory * 0.92)
+        total = torch.cuda.get_device_properties(device).total_memory * 0.92
+        if total < cap:
+            cap, limit, fix = total, f"{device} ({total / GiB:.1f} GiB usable)", "load a smaller model or dtype"
+    else:  # the host's memory is the device's: a model past it would get the whole server OOM-killed
+        free = available_host_bytes() + used_bytes + (weight_bytes if weights_resident else 0)  # held: not free
+        if free < cap:
+            cap, limit, fix = free, f"the host's free memory ({free / GiB:.1f} GiB)", "load a smaller model or dtype"
     reserve = min(4 * GiB, 0.05 * cap) + weight_bytes * 0.1
     budget = int(cap - used_bytes - weight_bytes - reserve)
     if budget <= 0:
-        raise RequestError("out_of_memory", f"--max-vram-gb {max_vram_gb} leaves no room for the KV cache after "
-                                            f"{weight_bytes / GiB:.2f} GiB of weights; raise it")
+        raise RequestError("out_of_memory", f"{limit} leaves no room for the KV cache after "
+                                            f"{weight_bytes / GiB:.2f} GiB of weights; {fix}")
     return budget
 
 
 def build_engine(config: ServerConfig, loaded: LoadedModel, used_bytes: int = 0) -> Engine:
     """The engine ``config`` asks for over ``loaded``: the one place (the server, bench-engine) that sizes a
     KV cache; ``used_bytes`` is what other models on the device already hold."""
-    budget = kv_budget_bytes(config.max_vram_gb, loaded.weight_bytes, loaded.device, used_bytes)
+    budget = kv_budget_bytes(config.max_vram_gb, loaded.weight_bytes, loaded.device, used_bytes, weights_resident=True)
     return Engine(loaded.model, max_seq=config.max_seq_len, kv_budget_bytes=budget, max_slots=config.max_slots,
                   prefill_chunk=config.prefill_chunk, max_step_ms=config.max_step_ms, block_size=config.kv_block_size,
                   host_blocks=None, host_bytes=None if config.host_kv_gb is None else int(config.host_kv_gb * GiB))
@@ -95,7 +104,6 @@ class DjinnService:
                          "bytes_out_total": 0, "sessions_opened_total": 0, "sessions_expired_total": 0}
         self._conn_ids = itertools.count(1)
         self._load_lock = asyncio.Lock()
-        self.loading = False
         self.draining = False  # shutting down: no new request is taken
         self.default_model: Optional[str] = None
 
@@ -130,7 +138,6 @@ class DjinnService:
         async with self._load_lock:
             if model_id in self.models:
                 return self.models[model_id]
-            self.loading = True
             try:
                 if wire:
                     need = await asyncio.to_thread(estimate_weight_bytes, model_id, weights or self.config.weights,
@@ -143,8 +150,6 @@ class DjinnService:
                 raise RequestError("bad_request", f"model_id: {model_id!r} cannot be loaded: "
                                                   f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                                    if not isinstance(exc, ModelLoadError) else str(exc)) from None
-            finally:
-                self.loading = False
             self.models[model_id] = ModelEntry(loaded, engine)
             self.default_model = self.default_model or model_id
             log.info("loaded %s (%s weights, %.1f MiB, %s %s): KV cache of %d blocks of %d tokens (%.2f GiB), "
