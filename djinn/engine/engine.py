@@ -2,7 +2,7 @@
 
 Every loop iteration (1) takes new work, (2) lets the scheduler admit what fits (parking idle
 sessions' blocks to host memory for room, restoring a parked session's blocks when its next request
-comes; both copies run on a side stream and only that request waits for them), (3) runs ONE batched
+comes; the copies run on side streams and only that request waits for them), (3) runs ONE batched
 decode step for every generating request, and (4) prefills a chunk of newly admitted prompts sized so
 the decode step stays within ``max_step_ms``. Decisions live in :mod:`djinn.engine.scheduler` (pure),
 device work in :mod:`djinn.engine.model_runner` and :mod:`djinn.engine.kv_cache`.

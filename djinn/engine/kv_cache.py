@@ -61,7 +61,7 @@ def copy_runs(device: list[int], host: list[int], pinned: int) -> list[tuple[int
 
 
 class Copy:
-    """A copy on the side stream; ``done()`` polls without blocking, ``wait()`` blocks."""
+    """A copy on a side stream; ``done()`` polls without blocking, ``wait()`` blocks."""
 
     def __init__(self, event: Optional[torch.cuda.Event]):
         self.event = event
@@ -99,7 +99,10 @@ class PagedKVCache:
                              f"{max_rows} table rows does not fit on {device} ({str(exc).splitlines()[0][:120]}); "
                              "lower --max-vram-gb, --max-slots or --kv-block-size") from None
         self.cuda = device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        # Parks (device to host) and restores (host to device) on streams of their own: the link carries
+        # both directions at once, and a returning session's restore never queues behind parks.
+        self.park_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.restore_stream = torch.cuda.Stream(device) if self.cuda else None
         nbytes = block_bytes(shape, block_size, dtype)
         budget = host_bytes if host_bytes is not None else available_host_bytes() * HOST_ARENA_FRACTION
         if host_blocks is None:  # auto: pinned memory only pays on a GPU
@@ -135,26 +138,26 @@ class PagedKVCache:
             self.overflow[h] = torch.empty((1, *self.block_shape), dtype=self.kv.dtype)
         return self.overflow[h]
 
-    def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Copy:
+    def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], stream: Optional[torch.cuda.Stream]) -> Copy:
         if not self.cuda:
             for dst, src in pairs:
                 dst.copy_(src)
             return Copy(None)
-        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the blocks' last writes first
-        with torch.cuda.stream(self.copy_stream):
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # the blocks' last reads and writes first
+        with torch.cuda.stream(stream):
             for dst, src in pairs:
                 dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()
-            event.record(self.copy_stream)
+            event.record(stream)
         return Copy(event)
 
     def copy_out(self, device_blocks: list[int], host_blocks: list[int]) -> Copy:
         return self._copy([(self._host_run(h, n), self.kv[d:d + n])
-                           for d, h, n in copy_runs(device_blocks, host_blocks, self.host_blocks)])
+                           for d, h, n in copy_runs(device_blocks, host_blocks, self.host_blocks)], self.park_stream)
 
     def copy_in(self, host_blocks: list[int], device_blocks: list[int]) -> Copy:
         return self._copy([(self.kv[d:d + n], self._host_run(h, n))
-                           for d, h, n in copy_runs(device_blocks, host_blocks, self.host_blocks)])
+                           for d, h, n in copy_runs(device_blocks, host_blocks, self.host_blocks)], self.restore_stream)
 
     # -- whole caches of stateless requests ([layers, kv_heads, length, head_dim] each) -------------
     def write(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
@@ -175,4 +178,5 @@ class PagedKVCache:
 
     def synchronize(self) -> None:
         if self.cuda:
-            self.copy_stream.synchronize()
+            self.park_stream.synchronize()
+            self.restore_stream.synchronize()
