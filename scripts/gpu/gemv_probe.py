@@ -1,5 +1,6 @@
 """Probe: a Triton GEMV (one token times a [N, K] weight) against F.linear (cuBLAS) on the Llama-2-7B
-decode shapes, in GB/s of weight read, over a sweep of launch settings.
+decode shapes, in GB/s of weight read, over a sweep of launch settings. Each shape's GEMVs run as the
+decode step runs them: one per layer, distinct weights, captured in a CUDA graph.
 
     python3 scripts/gpu/gemv_probe.py
 """
@@ -35,47 +36,58 @@ def gemv(x, w, block_n, block_k, warps):
     return out
 
 
-def event_us(fn, repeat: int = 50) -> float:
-    for _ in range(5):
+def graph_us(calls, repeat: int = 20) -> float:
+    """Device time of ``calls`` (one layer's GEMV each) captured in one CUDA graph, as the engine's decode
+    step runs them: no launch gaps, and distinct weights so none is read from L2 (median of ``repeat``)."""
+    for fn in calls:
         fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
     times = []
-    for _ in range(repeat):
+    for _ in range(repeat + 3):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        graph.replay()
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
+    return statistics.median(times[3:])
 
 
 def main() -> None:
     dev = "cuda"
-    shapes = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
-              "lm_head": (32000, 4096)}
+    # (out, in) of the 7B decode step's weights, and how many of each one step reads
+    shapes = {"qkv": (12288, 4096, 32), "o": (4096, 4096, 32), "gate_up": (22016, 4096, 32),
+              "down": (4096, 11008, 32), "lm_head": (32000, 4096, 1)}
     total = {"cublas": 0.0, "best": 0.0}
-    for name, (n, k) in shapes.items():
-        w = torch.randn(n, k, dtype=torch.float16, device=dev) * 0.02
+    for name, (n, k, count) in shapes.items():
+        copies = max(count, 4)  # at least 4 distinct weights, so the timed reads come from HBM
+        ws = [torch.randn(n, k, dtype=torch.float16, device=dev) * 0.02 for _ in range(copies)]
         x = torch.randn(1, k, dtype=torch.float16, device=dev)
-        ref = F.linear(x, w)
+        ref = F.linear(x, ws[0])
         gb = n * k * 2 / 1e9
-        base = event_us(lambda: F.linear(x, w))
+        base = graph_us([lambda w=w: F.linear(x, w) for w in ws]) / copies
         results = []
         for bn, bk, warps in itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8)):
             if k % bk:
                 continue
-            out = gemv(x[0], w, bn, bk, warps)
-            err = (out.float() - ref[0].float()).abs().max().item()
-            us = event_us(lambda: gemv(x[0], w, bn, bk, warps))
+            err = (gemv(x[0], ws[0], bn, bk, warps).float() - ref[0].float()).abs().max().item()
+            us = graph_us([lambda w=w: gemv(x[0], w, bn, bk, warps) for w in ws]) / copies
             results.append((us, bn, bk, warps, err))
         results.sort()
         us, bn, bk, warps, err = results[0]
-        total["cublas"] += base * (1 if name == "lm_head" else 32)
-        total["best"] += us * (1 if name == "lm_head" else 32)
-        print(f"{name} [{n}x{k}]: cuBLAS {base:.1f} us ({gb / base * 1e6:.0f} GB/s); Triton best {us:.1f} us "
+        total["cublas"] += base * count
+        total["best"] += us * count
+        print(f"{name} [{n}x{k}] x{count}: cuBLAS {base:.1f} us ({gb / base * 1e6:.0f} GB/s); Triton best {us:.1f} us "
               f"({gb / us * 1e6:.0f} GB/s) at BLOCK_N={bn} BLOCK_K={bk} warps={warps}, max err {err:.2e}; "
               f"next: " + ", ".join(f"{r[0]:.1f}@{r[1]}/{r[2]}/{r[3]}" for r in results[1:4]), flush=True)
-    print(f"a 7B step's GEMVs: cuBLAS {total['cublas'] / 1e3:.2f} ms, Triton best {total['best'] / 1e3:.2f} ms")
+        del ws
+        torch.cuda.empty_cache()
+    print(f"a 7B decode step's GEMVs, in graphs: cuBLAS {total['cublas'] / 1e3:.2f} ms, "
+          f"Triton best per shape {total['best'] / 1e3:.2f} ms")
 
 
 if __name__ == "__main__":
