@@ -38,6 +38,15 @@ for (NB, KVH, BS, D, H, B, T) in [(30, 2, 8, 16, 4, 3, 11), (40, 4, 4, 32, 4, 2,
     err = ((out - ref).norm() / ref.norm()).item()
     assert err < 1e-5, err
 
+# the few-row GEMV of a small decode step: F.linear's result up to the order of the fp32 sum, for ragged
+# N and K (masked tails) and rows with a stride
+import torch.nn.functional as F
+from djinn.engine.fused import gemv
+for (M, N, K) in [(1, 37, 300), (3, 64, 256)]:
+    x, w = torch.randn(M, 2 * K)[:, :K], torch.randn(N, K)
+    out = gemv(x, w)
+    assert out.shape == (M, N) and torch.allclose(out, F.linear(x, w), rtol=1e-5, atol=1e-4), (M, N, K)
+
 from djinn.models import load_model
 from djinn.engine.engine import Engine
 from djinn.runners.hf_agent import greedy

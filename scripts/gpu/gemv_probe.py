@@ -1,44 +1,37 @@
-"""Probe: a Triton GEMV (one token times a [N, K] weight) against F.linear (cuBLAS) on the Llama-2-7B
-decode shapes, in GB/s of weight read, over a sweep of launch settings. Each shape's GEMVs run as the
-decode step runs them: one per layer, distinct weights, captured in a CUDA graph.
+"""Probe: the engine's few-row GEMV kernel (djinn.engine.fused) against F.linear (cuBLAS) on the Llama-2-7B
+decode shapes, in GB/s of weight read. Each shape's GEMVs run as the decode step runs them: one per layer,
+distinct weights, captured in a CUDA graph.
 
-    python3 scripts/gpu/gemv_probe.py
+    python3 scripts/gpu/gemv_probe.py --sweep        # launch settings at one row (sets GEMV_BLOCK_*)
+    python3 scripts/gpu/gemv_probe.py --rows 1 2 4 8  # the engine's settings by rows (sets GEMV_MAX_ROWS)
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import statistics
 
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
+
+from djinn.engine import fused
+
+# (out, in) of the 7B decode step's weights, and how many of each one step reads
+SHAPES = {"qkv": (12288, 4096, 32), "o": (4096, 4096, 32), "gate_up": (22016, 4096, 32),
+          "down": (4096, 11008, 32), "lm_head": (32000, 4096, 1)}
 
 
-@triton.jit
-def _gemv_kernel(X, W, OUT, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = rows < N
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(X + cols).to(tl.float32)
-        w = tl.load(W + rows[:, None] * K + cols[None, :], mask=mask[:, None], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
-    tl.store(OUT + rows, tl.sum(acc, axis=1).to(OUT.dtype.element_ty), mask=mask)
-
-
-def gemv(x, w, block_n, block_k, warps):
-    n, k = w.shape
-    out = torch.empty(n, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, out, n, K=k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+def kernel(x, w, block_n, block_k, warps):
+    out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    fused._gemv_kernel[(triton.cdiv(w.shape[0], block_n),)](
+        x, w, out, x.shape[0], w.shape[0], w.shape[1], x.stride(0), BLOCK_M=triton.next_power_of_2(x.shape[0]),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return out
 
 
 def graph_us(calls, repeat: int = 20) -> float:
-    """Device time of ``calls`` (one layer's GEMV each) captured in one CUDA graph, as the engine's decode
-    step runs them: no launch gaps, and distinct weights so none is read from L2 (median of ``repeat``)."""
+    """Device time of ``calls`` captured in one CUDA graph (median of ``repeat`` replays)."""
     for fn in calls:
         fn()
     torch.cuda.synchronize()
@@ -57,25 +50,23 @@ def graph_us(calls, repeat: int = 20) -> float:
     return statistics.median(times[3:])
 
 
-def main() -> None:
-    dev = "cuda"
-    # (out, in) of the 7B decode step's weights, and how many of each one step reads
-    shapes = {"qkv": (12288, 4096, 32), "o": (4096, 4096, 32), "gate_up": (22016, 4096, 32),
-              "down": (4096, 11008, 32), "lm_head": (32000, 4096, 1)}
+def shape_weights(n, k, count):
+    copies = max(count, 4)  # at least 4 distinct weights, so the timed reads come from HBM, not L2
+    return [torch.randn(n, k, dtype=torch.float16, device="cuda") * 0.02 for _ in range(copies)]
+
+
+def sweep() -> None:
     total = {"cublas": 0.0, "best": 0.0}
-    for name, (n, k, count) in shapes.items():
-        copies = max(count, 4)  # at least 4 distinct weights, so the timed reads come from HBM
-        ws = [torch.randn(n, k, dtype=torch.float16, device=dev) * 0.02 for _ in range(copies)]
-        x = torch.randn(1, k, dtype=torch.float16, device=dev)
+    for name, (n, k, count) in SHAPES.items():
+        ws = shape_weights(n, k, count)
+        x = torch.randn(1, k, dtype=torch.float16, device="cuda")
         ref = F.linear(x, ws[0])
         gb = n * k * 2 / 1e9
-        base = graph_us([lambda w=w: F.linear(x, w) for w in ws]) / copies
+        base = graph_us([lambda w=w: F.linear(x, w) for w in ws]) / len(ws)
         results = []
         for bn, bk, warps in itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8)):
-            if k % bk:
-                continue
-            err = (gemv(x[0], ws[0], bn, bk, warps).float() - ref[0].float()).abs().max().item()
-            us = graph_us([lambda w=w: gemv(x[0], w, bn, bk, warps) for w in ws]) / copies
+            err = (kernel(x, ws[0], bn, bk, warps).float() - ref.float()).abs().max().item()
+            us = graph_us([lambda w=w: kernel(x, w, bn, bk, warps) for w in ws]) / len(ws)
             results.append((us, bn, bk, warps, err))
         results.sort()
         us, bn, bk, warps, err = results[0]
@@ -88,6 +79,32 @@ def main() -> None:
         torch.cuda.empty_cache()
     print(f"a 7B decode step's GEMVs, in graphs: cuBLAS {total['cublas'] / 1e3:.2f} ms, "
           f"Triton best per shape {total['best'] / 1e3:.2f} ms")
+
+
+def by_rows(rows: list[int]) -> None:
+    settings = (fused.GEMV_BLOCK_N, fused.GEMV_BLOCK_K, fused.GEMV_WARPS)
+    for m in rows:
+        total = {"cublas": 0.0, "gemv": 0.0}
+        for name, (n, k, count) in SHAPES.items():
+            ws = shape_weights(n, k, count)
+            x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+            total["cublas"] += graph_us([lambda w=w: F.linear(x, w) for w in ws]) / len(ws) * count
+            total["gemv"] += graph_us([lambda w=w: kernel(x, w, *settings) for w in ws]) / len(ws) * count
+            del ws
+            torch.cuda.empty_cache()
+        print(f"{m} row(s): a 7B decode step's GEMVs, in graphs: cuBLAS {total['cublas'] / 1e3:.2f} ms, "
+              f"the engine's GEMV {total['gemv'] / 1e3:.2f} ms", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    args = p.parse_args()
+    if args.sweep:
+        sweep()
+    else:
+        by_rows(args.rows)
 
 
 if __name__ == "__main__":
