@@ -46,6 +46,9 @@ for (M, N, K) in [(1, 37, 300), (3, 64, 256)]:
     x, w = torch.randn(M, 2 * K)[:, :K], torch.randn(N, K)
     out = gemv(x, w)
     assert out.shape == (M, N) and torch.allclose(out, F.linear(x, w), rtol=1e-5, atol=1e-4), (M, N, K)
+    w2 = torch.randn(2 * N, K)  # [gate; up]: the MLP's input projection with SiLU-multiply in one kernel
+    ref = F.silu(F.linear(x, w2[:N])) * F.linear(x, w2[N:])
+    assert torch.allclose(gemv(x, w2, gated=True), ref, rtol=1e-5, atol=1e-4), ("gated", M, N, K)
 
 from djinn.models import load_model
 from djinn.engine.engine import Engine

@@ -24,14 +24,20 @@ PROMPTS = [list(range(1000 + 7 * k, 1072 + 7 * k)) for k in range(4)]
 
 
 def exactness(lm, engine: Engine, new: int = 30) -> dict:
-    """Four sessions at once, then each continued: greedy tokens and the teacher-forced logit gap."""
+    """One session alone (batch-1 steps), then four at once and each continued: greedy tokens and the
+    teacher-forced logit gap."""
+    alone = engine.open_session().result()
+    solo = engine.generate(alone.id, PROMPTS[0], new).result().tokens
+    engine.close_session(alone.id).result()
     sessions = [engine.open_session().result() for _ in PROMPTS]
     outs = [f.result().tokens for f in [engine.generate(s.id, p, new) for s, p in zip(sessions, PROMPTS)]]
     more = [f.result().tokens for f in [engine.generate(s.id, [5, 6, 7], new) for s in sessions]]
     for s in sessions:
         engine.close_session(s.id).result()
     full = [p + o + [5, 6, 7] for p, o in zip(PROMPTS, outs)]
-    return {"greedy_equal_hf": [o == greedy(lm.model, p, new) for o, p in zip(outs, PROMPTS)],
+    return {"alone_equal_hf": solo == greedy(lm.model, PROMPTS[0], new),
+            "alone_teacher_forced_gap": logit_gap(lm.model, PROMPTS[0], solo),
+            "greedy_equal_hf": [o == greedy(lm.model, p, new) for o, p in zip(outs, PROMPTS)],
             "continued_equal_hf": [m == greedy(lm.model, f, new) for m, f in zip(more, full)],
             "teacher_forced_gap": max(max(logit_gap(lm.model, p, o) for p, o in zip(PROMPTS, outs)),
                                       max(logit_gap(lm.model, f, m) for f, m in zip(full, more)))}

@@ -94,6 +94,16 @@ def by_rows(rows: list[int]) -> None:
             torch.cuda.empty_cache()
         print(f"{m} row(s): a 7B decode step's GEMVs, in graphs: cuBLAS {total['cublas'] / 1e3:.2f} ms, "
               f"the engine's GEMV {total['gemv'] / 1e3:.2f} ms", flush=True)
+        n, k, count = SHAPES["gate_up"]
+        ws = shape_weights(n, k, count)
+        x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+        apart = graph_us([lambda w=w: fused._silu_mul(F.linear(x, w)) for w in ws]) / len(ws) * count
+        one = graph_us([lambda w=w: fused.gemv(x, w, gated=True) for w in ws]) / len(ws) * count
+        same = torch.equal(fused.gemv(x, ws[0], gated=True), fused._silu_mul(fused.gemv(x, ws[0])))
+        print(f"{m} row(s): gate|up + SiLU-multiply, 32 layers: cuBLAS + kernel {apart / 1e3:.3f} ms, "
+              f"gated GEMV {one / 1e3:.3f} ms (bit-identical to GEMV + kernel: {same})", flush=True)
+        del ws
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
