@@ -346,3 +346,35 @@ def test_a_client_loading_another_model_leaves_the_server_ready(monkeypatch):
         return status, body
 
     assert asyncio.run(probe()) == (200, {"status": "ok", "models": [TINY_LLAMA]})
+
+
+def test_open_sessions_are_capped_by_max_sessions():
+    """A client that opens sessions and never closes them (2,400 a second over loopback, ~0.85 KiB each on the
+    server) would grow it until --session-ttl; past --max-sessions open_session is refused on both planes, with
+    the flag in the message, and a close makes room again."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from djinn.server.server import control_app
+    from djinn.server.service import DjinnService, RequestError
+
+    async def scenario():
+        service = DjinnService(ServerConfig(device="cpu", weights="synthetic", max_sessions=2))
+        await service.load(TINY_LLAMA)
+        try:
+            opened = [await service.open_session(None, None, "full_djinn") for _ in range(2)]
+            with pytest.raises(RequestError, match=r"^open_session: the server holds 2 sessions, its --max-sessions 2; "
+                                                   r"close sessions you no longer use") as err:
+                await service.open_session(None, None, "full_djinn")
+            async with TestClient(TestServer(control_app(service, service.config, 5))) as http_client:
+                r = await http_client.post("/v1/sessions", json={})
+                refused = r.status, (await r.json())["code"]
+            await service.close_session(None, *opened[0])
+            reopened = await service.open_session(None, None, "full_djinn")
+            return err.value.code, refused, len(service.sessions), reopened[0] in service.sessions
+        finally:
+            for entry in service.models.values():
+                entry.engine.shutdown()
+
+    assert asyncio.run(scenario()) == ("concurrency_limit", (429, "concurrency_limit"), 2, True)

@@ -26,6 +26,7 @@ class ServerConfig:
     kv_block_size: int = 16                 # tokens per KV block
     host_kv_gb: Optional[float] = None      # host memory for parked KV (pinned on a GPU); None: half the free
     session_ttl_s: float = 600.0
+    max_sessions: int = 16384               # open sessions at once (~1 KiB each without KV); past it: concurrency_limit
     orphan_ttl_s: float = 60.0
     weights: str = "auto"
     dtype: str = "auto"
@@ -69,7 +70,7 @@ _FLAGS = {"host": "--host", "port": "--port", "control_port": "--control-port", 
           "max_vram_gb": "--max-vram-gb", "max_seq_len": "--max-seq-len", "max_slots": "--max-slots",
           "prefill_chunk": "--prefill-chunk", "max_step_ms": "--max-step-ms", "kv_block_size": "--kv-block-size",
           "host_kv_gb": "--host-kv-gb",
-          "session_ttl_s": "--session-ttl", "orphan_ttl_s": "--orphan-ttl", "weights": "--weights",
+          "session_ttl_s": "--session-ttl", "max_sessions": "--max-sessions", "orphan_ttl_s": "--orphan-ttl", "weights": "--weights",
           "dtype": "--dtype", "seed": "--seed", "model_id": "--model-id", "allow_models": "--allow-model",
           "max_frame": "--max-frame-mb", "shutdown_grace_s": "--shutdown-grace", "read_timeout_s": "--read-timeout",
           "idle_timeout_s": "--idle-timeout", "insecure": "--insecure"}

@@ -24,6 +24,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add_engine_arguments(p)
     p.add_argument("--session-ttl", type=float, default=600.0, help="seconds an idle session lives")
     p.add_argument("--orphan-ttl", type=float, default=60.0, help="seconds a session of a dropped client lives")
+    p.add_argument("--max-sessions", type=int, default=ServerConfig.max_sessions,
+                   help="sessions open at once; past it open_session is refused concurrency_limit")
     p.add_argument("--max-frame-mb", type=float, default=None,
                    help="largest frame accepted (default: a semantic_blind KV frame of the loaded models at "
                         "--max-seq-len, at least 1 MiB)")
@@ -97,6 +99,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise SystemExit("--device cuda: no CUDA GPU is visible; use --device cpu")
     if max_concurrent < 1:
         raise SystemExit("--max-concurrent: must be >= 1")
+    if args.max_sessions < 1:
+        raise SystemExit("--max-sessions: must be >= 1")
     token = args.auth_token or os.environ.get(TOKEN_ENV) or None
     admin = args.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
     from djinn.server.server import is_loopback
@@ -118,7 +122,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         max_concurrent=max_concurrent, max_vram_gb=args.max_vram_gb,
                         max_seq_len=args.max_seq_len, max_slots=args.max_slots, prefill_chunk=args.prefill_chunk,
                         max_step_ms=args.max_step_ms, kv_block_size=args.kv_block_size, host_kv_gb=args.host_kv_gb,
-                        session_ttl_s=args.session_ttl, orphan_ttl_s=args.orphan_ttl, weights=args.weights,
+                        session_ttl_s=args.session_ttl, orphan_ttl_s=args.orphan_ttl, max_sessions=args.max_sessions, weights=args.weights,
                         dtype=args.dtype, seed=args.seed, model_id=args.model_id, allow_models=tuple(args.allow_model),
                         max_frame=None if args.max_frame_mb is None else round(args.max_frame_mb * 2**20),
                         auth_token=token, admin_token=admin)

@@ -189,6 +189,12 @@ class DjinnService:
         """(session id, session key): the key proves ownership in every later request on the session."""
         if mode not in MODES:
             raise RequestError("bad_request", f"mode: {mode!r} is not one of {', '.join(MODES)}"[:200])
+        if len(self.sessions) >= self.config.max_sessions:  # a client that never closes must not exhaust memory
+            self.counters["requests_refused_total"] += 1
+            raise RequestError("concurrency_limit", f"open_session: the server holds {len(self.sessions)} sessions, its "
+                                                    f"--max-sessions {self.config.max_sessions}; close sessions you no "
+                                                    f"longer use (idle ones expire after --session-ttl "
+                                                    f"{self.config.session_ttl_s:g} s)")
         entry = await self.load(model_id, weights) if model_id is not None else self._model(None)
         s = await asyncio.wrap_future(entry.engine.open_session(mode))
         info = self.sessions[s.id] = SessionInfo(entry.loaded.model_id, mode, conn)
