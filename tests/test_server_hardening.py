@@ -124,6 +124,8 @@ def test_2_wrong_types_are_refused_at_the_boundary_and_a_neighbour_is_untouched(
             with pytest.raises(DjinnError, match=message) as err:
                 c.request("load_model", **fields)
             assert err.value.code == "bad_request"
+        with pytest.raises(DjinnError, match="^max_new_tokens: expected an integer, got '2'"):
+            c.request("generate", session_id=s.id, session_key=s.key, max_new_tokens="2", tokens=[1])
         with pytest.raises(DjinnError, match="^return_kv: expected true or false"):
             c.request("forward", tokens=[1], return_kv="yes")
         for tokens in (torch.tensor(5), torch.ones(2, 2, dtype=torch.int64), torch.ones(2)):  # a scalar, 2-D, float
@@ -132,6 +134,12 @@ def test_2_wrong_types_are_refused_at_the_boundary_and_a_neighbour_is_untouched(
             assert err.value.code == "bad_request"
     t.join(timeout=60)
     assert result["tokens"] == hf_greedy(tiny_llama.model, PROMPT, 60)
+    with client(server) as c:  # JSON null is a field left out: the default max_new_tokens (1), no new tokens
+        s = c.open_session()
+        first = s.generate(PROMPT, 3)
+        null_is_absent = c.request("generate", session_id=s.id, session_key=s.key, max_new_tokens=None, tokens=None)
+        assert null_is_absent.tensors["tokens"].tolist() == hf_greedy(tiny_llama.model, PROMPT, 4)[3:]
+        assert null_is_absent.header["kv_processed_len"] == len(PROMPT) + len(first)
 
 
 @pytest.mark.parametrize("header, error", [

@@ -35,11 +35,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _field(h: dict, name: str, kind: type, default: Any = None, required: bool = False) -> Any:
-    """A header field of exactly ``kind`` (bool is not an int); one-line bad_request otherwise."""
-    value = h.get(name, default)
-    if value is None and not required:
-        return None
+def _field(h: dict, name: str, kind: type, default: Any = None) -> Any:
+    """A header field of exactly ``kind`` (bool is not an int); one-line bad_request otherwise. JSON null is
+    the field left out."""
+    value = h.get(name)
+    if value is None:
+        return default
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         what = {int: "an integer", bool: "true or false", str: "a string"}[kind]
         raise RequestError("bad_request", f"{name}: expected {what}, got {value!r}"[:200])
@@ -54,7 +55,7 @@ def _tokens(header: dict, tensors: dict, key: str = "tokens") -> list[int]:
             raise RequestError("bad_request", f"{key}: expected a 1-D int64 tensor of token ids, "
                                               f"got {str(t.dtype).removeprefix('torch.')} of shape {list(t.shape)}")
         return t.tolist()
-    value = header.get(key, [])
+    value = [] if header.get(key) is None else header[key]
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise RequestError("bad_request", f"{key}: expected a list of integer token ids")
     return value
