@@ -281,8 +281,13 @@ def test_7_limits_are_derived_enforced_and_typed(server, tiny_llama):
     assert "not received within 1 s" in reply["error"] and time.monotonic() - started < 5
     [reply] = raw_exchange(server.address, HELLO)[1:]
     assert reply["error"].startswith("idle for 3 s with no request")
-    status, body = http(server, "POST", "/v1/sessions", b"{" + b" " * (1 << 20) + b"}")
-    assert status == 413
+    too_large = {"error": "body: larger than 1048576 bytes; send less", "code": "bad_request"}
+    assert http(server, "POST", "/v1/sessions", b"{" + b" " * (1 << 20) + b"}") == (413, too_large)
+    with socket.create_connection(("127.0.0.1", server.control_port), timeout=10) as s:  # refused on its word alone
+        s.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+                  + b"\r\nContent-Length: 10000000\r\n\r\n{}")
+        head, _, text = s.recv(65536).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413") and json.loads(text) == too_large
     status, body = http(server, "POST", "/v1/sessions", b'{"modelId": 5}')
     assert status == 400 and body == {"error": "model_id: expected a model id string, got int", "code": "bad_request"}
     status, body = http(server, "POST", "/v1/sessions", b'{"mode": NaN}')

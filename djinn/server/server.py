@@ -272,9 +272,18 @@ def control_app(service: DjinnService, config: ServerConfig, read_timeout: float
             return web.json_response({"error": str(exc), "code": exc.code}, status=status)
 
     async def body(request) -> dict:
-        """The JSON object body; 413 beyond CONTROL_MAX_BODY (aiohttp's client_max_size), 408 if it stalls."""
+        """The JSON object body; 413 beyond CONTROL_MAX_BODY (aiohttp's client_max_size; at once when the
+        Content-Length says so, rather than after waiting for bytes that may never come), 408 if it stalls."""
+        too_large = web.HTTPRequestEntityTooLarge(
+            max_size=CONTROL_MAX_BODY, actual_size=request.content_length or CONTROL_MAX_BODY + 1,
+            content_type="application/json", text=f'{{"error": "body: larger than {CONTROL_MAX_BODY} bytes; send '
+                                                   f'less", "code": "bad_request"}}')
+        if (request.content_length or 0) > CONTROL_MAX_BODY:
+            raise too_large
         try:
             raw = await asyncio.wait_for(request.read(), read_timeout)
+        except web.HTTPRequestEntityTooLarge:  # a chunked body past the limit
+            raise too_large from None
         except asyncio.TimeoutError:
             raise web.HTTPRequestTimeout(text=f"body: not received within {read_timeout:.0f} s") from None
         try:
