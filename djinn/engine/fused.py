@@ -7,9 +7,9 @@ call (measured on an H200: 60.5 ms for 28 rows of 72 tokens, 37.5 ms of it GEMMs
 residual-add + RMSNorm (1 kernel), one q|k|v GEMM, rotary + KV-cache write (1), attention, o GEMM,
 add + RMSNorm (1), one gate|up GEMM, SiLU-multiply (1), down GEMM. Every rounding step matches HF's
 half-precision order, so the logits equal the HF modules' up to the order of one reduction. A step of
-at most GEMV_MAX_ROWS tokens on the GPU reads its weights with ``_gemv_kernel`` instead of cuBLAS
-(docs/results/2026-12-05-h200: the 7B step's GEMVs in CUDA graphs, 3.60 ms with cuBLAS, 3.33 with it),
-the gate|up one with the SiLU-multiply in its epilogue.
+one token on the GPU reads its weights with ``_gemv_kernel`` instead of cuBLAS (docs/results/2026-12-05-h200:
+the 7B step's GEMVs in CUDA graphs, 3.60 ms with cuBLAS, 3.33 with it), the gate|up one with the
+SiLU-multiply in its epilogue.
 """
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ from torch.nn.attention import sdpa_kernel
 from djinn.engine.attention import (SDPA_BACKENDS, triton, triton_paged_decode_attention,
                                     triton_paged_prefill_attention)
 
-GEMV_MAX_ROWS = 1  # steps of up to this many tokens use _gemv_kernel (measured: scripts/gpu/gemv_probe.py)
-GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS = 4, 128, 8  # the probe's best on every 7B shape on an H200
+GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS = 4, 128, 8  # scripts/gpu/gemv_probe.py's best on every 7B shape (H200)
 
 if triton is not None:
     import triton.language as tl
@@ -89,32 +88,31 @@ if triton is not None:
                 tl.store(kdst + D // 2 + half, o2)
 
     @triton.jit
-    def _gemv_kernel(X, W, OUT, M, N, K, sx, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    def _gemv_kernel(X, W, OUT, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GATED: tl.constexpr):
-        """OUT[m, n] = X[m, :] . W[n, :] for a few rows m: each program streams BLOCK_N rows of the weight
-        once, in full-width tiles, and accumulates in fp32 (cuBLAS splits K and reduces in a second pass).
-        ``GATED``: W is [gate; up] (2N rows) and OUT = SiLU(gate) * up, rounded as ``_silu_mul_kernel`` does."""
+        """OUT[n] = X . W[n, :] for one row X: each program streams BLOCK_N rows of the weight once, in
+        full-width tiles (K a multiple of BLOCK_K: no column masks), and accumulates in fp32 (cuBLAS splits
+        K and reduces in a second pass). ``GATED``: W is [gate; up] (2N rows) and OUT = SiLU(gate) * up,
+        rounded as ``_silu_mul_kernel`` does."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = tl.arange(0, BLOCK_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        rows = n < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         if GATED:
-            acc_up = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            wmask = (n[:, None] < N) & (k[None, :] < K)
-            wp = W + n[:, None].to(tl.int64) * K + k[None, :]
-            x = tl.load(X + m[:, None] * sx + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
-            x = x.to(tl.float32)[:, None, :]
-            acc += x * tl.load(wp, mask=wmask, other=0.0).to(tl.float32)[None, :, :]
+            x = tl.load(X + k).to(tl.float32)[None, :]
+            wp = W + n[:, None] * K + k[None, :]
+            acc += x * tl.load(wp, mask=rows[:, None], other=0.0).to(tl.float32)
             if GATED:
-                acc_up += x * tl.load(wp + N * K, mask=wmask, other=0.0).to(tl.float32)[None, :, :]
+                acc_up += x * tl.load(wp + N * K, mask=rows[:, None], other=0.0).to(tl.float32)
         dt = OUT.dtype.element_ty
-        out = tl.sum(acc, axis=2).to(dt)
+        out = tl.sum(acc, axis=1).to(dt)
         if GATED:
             g = out.to(tl.float32)
             silu = (g / (1.0 + tl.exp(-g))).to(dt)
-            out = (silu.to(tl.float32) * tl.sum(acc_up, axis=2).to(dt).to(tl.float32)).to(dt)
-        tl.store(OUT + m[:, None] * N + n[None, :], out, mask=(m[:, None] < M) & (n[None, :] < N))
+            out = (silu.to(tl.float32) * tl.sum(acc_up, axis=1).to(dt).to(tl.float32)).to(dt)
+        tl.store(OUT + n, out, mask=rows)
 
     @triton.jit
     def _silu_mul_kernel(GU, OUT, N: tl.constexpr, BLOCK: tl.constexpr):
@@ -139,30 +137,30 @@ def _add_rmsnorm(x, delta, weight, eps):
 
 
 def gemv(x, w, gated: bool = False):
-    """``F.linear(x, w)`` for x [M, K] of a few rows, w [N, K] contiguous: one pass over the weight;
-    ``gated``: ``_silu_mul(F.linear(x, w))`` for w = [gate; up]."""
-    M, K = x.shape
+    """``F.linear(x, w)`` for x [1, K], w [N, K] contiguous: one pass over the weight; ``gated``:
+    ``_silu_mul(F.linear(x, w))`` for w = [gate; up]."""
+    K = x.shape[1]
     N = w.shape[0] // 2 if gated else w.shape[0]
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(N, GEMV_BLOCK_N),)](x, w, out, M, N, K, x.stride(0), BLOCK_M=triton.next_power_of_2(M),
-                                                   BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K, GATED=gated,
-                                                   num_warps=GEMV_WARPS)
+    out = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(N, GEMV_BLOCK_N),)](x, w, out, N, K=K, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
+                                                   GATED=gated, num_warps=GEMV_WARPS)
     return out
 
 
-def _few_rows(x, w) -> bool:
-    """A step of a few tokens on the GPU: the GEMV kernel reads the weights faster than cuBLAS."""
-    return x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS and x.stride(1) == 1 and w.is_contiguous()
+def _one_row(x, w) -> bool:
+    """A step of one token on the GPU, over a weight the kernel tiles exactly (int32 offsets)."""
+    return (x.is_cuda and x.shape[0] == 1 and x.is_contiguous() and w.is_contiguous()
+            and x.shape[1] % GEMV_BLOCK_K == 0 and w.numel() < 2 ** 31)
 
 
 def _linear(x, w):
     """A projection without bias."""
-    return gemv(x, w) if _few_rows(x, w) else F.linear(x, w)
+    return gemv(x, w) if _one_row(x, w) else F.linear(x, w)
 
 
 def _gated_mlp_in(x, w_gate_up):
-    """SiLU(x @ gate.T) * (x @ up.T), in one kernel for a few rows."""
-    return gemv(x, w_gate_up, gated=True) if _few_rows(x, w_gate_up) else _silu_mul(F.linear(x, w_gate_up))
+    """SiLU(x @ gate.T) * (x @ up.T), in one kernel for one row."""
+    return gemv(x, w_gate_up, gated=True) if _one_row(x, w_gate_up) else _silu_mul(F.linear(x, w_gate_up))
 
 
 def _silu_mul(gu):

@@ -1,9 +1,9 @@
-"""Probe: the engine's few-row GEMV kernel (djinn.engine.fused) against F.linear (cuBLAS) on the Llama-2-7B
+"""Probe: the engine's one-row GEMV kernel (djinn.engine.fused) against F.linear (cuBLAS) on the Llama-2-7B
 decode shapes, in GB/s of weight read. Each shape's GEMVs run as the decode step runs them: one per layer,
 distinct weights, captured in a CUDA graph.
 
-    python3 scripts/gpu/gemv_probe.py --sweep        # launch settings at one row (sets GEMV_BLOCK_*)
-    python3 scripts/gpu/gemv_probe.py --rows 1 2 4 8  # the engine's settings by rows (sets GEMV_MAX_ROWS)
+    python3 scripts/gpu/gemv_probe.py           # the engine's settings: each shape, a step, the gated GEMV
+    python3 scripts/gpu/gemv_probe.py --sweep   # every launch setting (sets GEMV_BLOCK_*)
 """
 from __future__ import annotations
 
@@ -23,10 +23,9 @@ SHAPES = {"qkv": (12288, 4096, 32), "o": (4096, 4096, 32), "gate_up": (22016, 40
 
 
 def kernel(x, w, block_n, block_k, warps):
-    out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-    fused._gemv_kernel[(triton.cdiv(w.shape[0], block_n),)](
-        x, w, out, x.shape[0], w.shape[0], w.shape[1], x.stride(0), BLOCK_M=triton.next_power_of_2(x.shape[0]),
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    out = torch.empty(1, w.shape[0], dtype=x.dtype, device=x.device)
+    fused._gemv_kernel[(triton.cdiv(w.shape[0], block_n),)](x, w, out, w.shape[0], K=w.shape[1], BLOCK_N=block_n,
+                                                             BLOCK_K=block_k, GATED=False, num_warps=warps)
     return out
 
 
@@ -81,40 +80,41 @@ def sweep() -> None:
           f"Triton best per shape {total['best'] / 1e3:.2f} ms")
 
 
-def by_rows(rows: list[int]) -> None:
-    settings = (fused.GEMV_BLOCK_N, fused.GEMV_BLOCK_K, fused.GEMV_WARPS)
-    for m in rows:
-        total = {"cublas": 0.0, "gemv": 0.0}
-        for name, (n, k, count) in SHAPES.items():
-            ws = shape_weights(n, k, count)
-            x = torch.randn(m, k, dtype=torch.float16, device="cuda")
-            total["cublas"] += graph_us([lambda w=w: F.linear(x, w) for w in ws]) / len(ws) * count
-            total["gemv"] += graph_us([lambda w=w: kernel(x, w, *settings) for w in ws]) / len(ws) * count
-            del ws
-            torch.cuda.empty_cache()
-        print(f"{m} row(s): a 7B decode step's GEMVs, in graphs: cuBLAS {total['cublas'] / 1e3:.2f} ms, "
-              f"the engine's GEMV {total['gemv'] / 1e3:.2f} ms", flush=True)
-        n, k, count = SHAPES["gate_up"]
+def engine_settings() -> None:
+    total = {"cublas": 0.0, "gemv": 0.0}
+    for name, (n, k, count) in SHAPES.items():
         ws = shape_weights(n, k, count)
-        x = torch.randn(m, k, dtype=torch.float16, device="cuda")
-        apart = graph_us([lambda w=w: fused._silu_mul(F.linear(x, w)) for w in ws]) / len(ws) * count
-        one = graph_us([lambda w=w: fused.gemv(x, w, gated=True) for w in ws]) / len(ws) * count
-        same = torch.equal(fused.gemv(x, ws[0], gated=True), fused._silu_mul(fused.gemv(x, ws[0])))
-        print(f"{m} row(s): gate|up + SiLU-multiply, 32 layers: cuBLAS + kernel {apart / 1e3:.3f} ms, "
-              f"gated GEMV {one / 1e3:.3f} ms (bit-identical to GEMV + kernel: {same})", flush=True)
+        x = torch.randn(1, k, dtype=torch.float16, device="cuda")
+        base = graph_us([lambda w=w: F.linear(x, w) for w in ws]) / len(ws)
+        us = graph_us([lambda w=w: fused.gemv(x, w) for w in ws]) / len(ws)
+        err = (fused.gemv(x, ws[0]).float() - F.linear(x, ws[0]).float()).abs().max().item()
+        total["cublas"] += base * count
+        total["gemv"] += us * count
+        gb = n * k * 2 / 1e9
+        print(f"{name} [{n}x{k}] x{count}: cuBLAS {base:.1f} us ({gb / base * 1e6:.0f} GB/s); the engine's GEMV "
+              f"{us:.1f} us ({gb / us * 1e6:.0f} GB/s), max err {err:.2e}", flush=True)
         del ws
         torch.cuda.empty_cache()
+    print(f"a 7B decode step's GEMVs, in graphs: cuBLAS {total['cublas'] / 1e3:.2f} ms, "
+          f"the engine's GEMV {total['gemv'] / 1e3:.2f} ms", flush=True)
+    n, k, count = SHAPES["gate_up"]
+    ws = shape_weights(n, k, count)
+    x = torch.randn(1, k, dtype=torch.float16, device="cuda")
+    apart = graph_us([lambda w=w: fused._silu_mul(F.linear(x, w)) for w in ws]) / len(ws) * count
+    one = graph_us([lambda w=w: fused.gemv(x, w, gated=True) for w in ws]) / len(ws) * count
+    same = torch.equal(fused.gemv(x, ws[0], gated=True), fused._silu_mul(fused.gemv(x, ws[0])))
+    print(f"gate|up + SiLU-multiply, 32 layers: cuBLAS + kernel {apart / 1e3:.3f} ms, gated GEMV {one / 1e3:.3f} ms "
+          f"(bit-identical to GEMV + kernel: {same})", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     args = p.parse_args()
     if args.sweep:
         sweep()
     else:
-        by_rows(args.rows)
+        engine_settings()
 
 
 if __name__ == "__main__":
