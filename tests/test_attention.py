@@ -38,18 +38,6 @@ for (NB, KVH, BS, D, H, B, T) in [(30, 2, 8, 16, 4, 3, 11), (40, 4, 4, 32, 4, 2,
     err = ((out - ref).norm() / ref.norm()).item()
     assert err < 1e-5, err
 
-# the one-row GEMV of a one-token decode step: F.linear's result up to the order of the fp32 sum, for a
-# ragged N (masked rows) and a K of several tiles
-import torch.nn.functional as F
-from djinn.engine.fused import GEMV_BLOCK_K, gemv
-for N, K in [(37, 3 * GEMV_BLOCK_K), (64, GEMV_BLOCK_K)]:
-    x, w = torch.randn(1, K), torch.randn(N, K)
-    out = gemv(x, w)
-    assert out.shape == (1, N) and torch.allclose(out, F.linear(x, w), rtol=1e-5, atol=1e-4), (N, K)
-    w2 = torch.randn(2 * N, K)  # [gate; up]: the MLP's input projection with SiLU-multiply in one kernel
-    ref = F.silu(F.linear(x, w2[:N])) * F.linear(x, w2[N:])
-    assert torch.allclose(gemv(x, w2, gated=True), ref, rtol=1e-5, atol=1e-4), ("gated", N, K)
-
 from djinn.models import load_model
 from djinn.engine.engine import Engine
 from djinn.runners.hf_agent import greedy

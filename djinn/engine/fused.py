@@ -6,10 +6,7 @@ reading the weights, and in a 2,000-token prefill their passes over fp32 copies 
 call (measured on an H200: 60.5 ms for 28 rows of 72 tokens, 37.5 ms of it GEMMs). Here each layer is:
 residual-add + RMSNorm (1 kernel), one q|k|v GEMM, rotary + KV-cache write (1), attention, o GEMM,
 add + RMSNorm (1), one gate|up GEMM, SiLU-multiply (1), down GEMM. Every rounding step matches HF's
-half-precision order, so the logits equal the HF modules' up to the order of one reduction. A step of
-one token on the GPU reads its weights with ``_gemv_kernel`` instead of cuBLAS (docs/results/2026-12-05-h200:
-the 7B step's GEMVs in CUDA graphs, 3.60 ms with cuBLAS, 3.33 with it), the gate|up one with the
-SiLU-multiply in its epilogue.
+half-precision order, so the logits equal the HF modules' up to the order of one reduction.
 """
 from __future__ import annotations
 
@@ -20,8 +17,6 @@ from torch.nn.attention import sdpa_kernel
 
 from djinn.engine.attention import (SDPA_BACKENDS, triton, triton_paged_decode_attention,
                                     triton_paged_prefill_attention)
-
-GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS = 4, 128, 8  # scripts/gpu/gemv_probe.py's best on every 7B shape (H200)
 
 if triton is not None:
     import triton.language as tl
@@ -88,33 +83,6 @@ if triton is not None:
                 tl.store(kdst + D // 2 + half, o2)
 
     @triton.jit
-    def _gemv_kernel(X, W, OUT, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GATED: tl.constexpr):
-        """OUT[n] = X . W[n, :] for one row X: each program streams BLOCK_N rows of the weight once, in
-        full-width tiles (K a multiple of BLOCK_K: no column masks), and accumulates in fp32 (cuBLAS splits
-        K and reduces in a second pass). ``GATED``: W is [gate; up] (2N rows) and OUT = SiLU(gate) * up,
-        rounded as ``_silu_mul_kernel`` does."""
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = n < N
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        if GATED:
-            acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(X + k).to(tl.float32)[None, :]
-            wp = W + n[:, None] * K + k[None, :]
-            acc += x * tl.load(wp, mask=rows[:, None], other=0.0).to(tl.float32)
-            if GATED:
-                acc_up += x * tl.load(wp + N * K, mask=rows[:, None], other=0.0).to(tl.float32)
-        dt = OUT.dtype.element_ty
-        out = tl.sum(acc, axis=1).to(dt)
-        if GATED:
-            g = out.to(tl.float32)
-            silu = (g / (1.0 + tl.exp(-g))).to(dt)
-            out = (silu.to(tl.float32) * tl.sum(acc_up, axis=1).to(dt).to(tl.float32)).to(dt)
-        tl.store(OUT + n, out, mask=rows)
-
-    @triton.jit
     def _silu_mul_kernel(GU, OUT, N: tl.constexpr, BLOCK: tl.constexpr):
         """GU rows are [gate | up] (one GEMV over the concatenated weights)."""
         row = tl.program_id(0)
@@ -134,33 +102,6 @@ def _add_rmsnorm(x, delta, weight, eps):
     _add_rmsnorm_kernel[(B,)](x, delta if delta is not None else x, weight, out, eps, N=N,
                               BLOCK=triton.next_power_of_2(N), HAS_DELTA=delta is not None)
     return out
-
-
-def gemv(x, w, gated: bool = False):
-    """``F.linear(x, w)`` for x [1, K], w [N, K] contiguous: one pass over the weight; ``gated``:
-    ``_silu_mul(F.linear(x, w))`` for w = [gate; up]."""
-    K = x.shape[1]
-    N = w.shape[0] // 2 if gated else w.shape[0]
-    out = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(N, GEMV_BLOCK_N),)](x, w, out, N, K=K, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
-                                                   GATED=gated, num_warps=GEMV_WARPS)
-    return out
-
-
-def _one_row(x, w) -> bool:
-    """A step of one token on the GPU, over a weight the kernel tiles exactly (int32 offsets)."""
-    return (x.is_cuda and x.shape[0] == 1 and x.is_contiguous() and w.is_contiguous()
-            and x.shape[1] % GEMV_BLOCK_K == 0 and w.numel() < 2 ** 31)
-
-
-def _linear(x, w):
-    """A projection without bias."""
-    return gemv(x, w) if _one_row(x, w) else F.linear(x, w)
-
-
-def _gated_mlp_in(x, w_gate_up):
-    """SiLU(x @ gate.T) * (x @ up.T), in one kernel for one row."""
-    return gemv(x, w_gate_up, gated=True) if _one_row(x, w_gate_up) else _silu_mul(F.linear(x, w_gate_up))
 
 
 def _silu_mul(gu):
@@ -213,7 +154,7 @@ class FusedLlama:
         layer = net.body.layers[0]
         attn, mlp = layer.self_attn, getattr(layer, "mlp", None)
         linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")] + [net.model.lm_head]
+        linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         return (all(m is not None and m.bias is None for m in linears)
                 and getattr(net.model.config, "hidden_act", None) == "silu"
                 and hasattr(layer.input_layernorm, "variance_epsilon"))
@@ -227,7 +168,7 @@ class FusedLlama:
         residual = self.embed(tokens)
         h = _add_rmsnorm(residual, None, self.layers[0].input_layernorm.weight, self.eps[0][0])
         for li, layer in enumerate(self.layers):
-            qkv = _linear(h, self.w_qkv[li])
+            qkv = F.linear(h, self.w_qkv[li])
             q, k, v = qkv.split([H * D, KVH * D, KVH * D], dim=1)
             q_rot = torch.empty(N, H, D, dtype=q.dtype, device=q.device)
             k_rot = torch.empty(N, KVH, D, dtype=q.dtype, device=q.device) if keep_k else q_rot
@@ -237,11 +178,11 @@ class FusedLlama:
                                                      kc.stride(0), kc.stride(1), kc.stride(2), tables.stride(0),
                                                      H=H, KVH=KVH, D=D, BS=kc.shape[2], HB=hb, WRITE_K=keep_k)
             o = attend(li, q_rot, k_rot if keep_k else None, v)
-            h = _add_rmsnorm(residual, _linear(o, layer.self_attn.o_proj.weight),
+            h = _add_rmsnorm(residual, F.linear(o, layer.self_attn.o_proj.weight),
                              layer.post_attention_layernorm.weight, self.eps[li][1])
-            m = _gated_mlp_in(h, self.w_gate_up[li])
+            m = _silu_mul(F.linear(h, self.w_gate_up[li]))
             nxt = self.layers[li + 1].input_layernorm if li + 1 < len(self.layers) else self.norm
-            h = _add_rmsnorm(residual, _linear(m, layer.mlp.down_proj.weight), nxt.weight, nxt.variance_epsilon)
+            h = _add_rmsnorm(residual, F.linear(m, layer.mlp.down_proj.weight), nxt.weight, nxt.variance_epsilon)
         return h
 
     def decode(self, kv, tables, rows, tokens, positions):
@@ -251,7 +192,7 @@ class FusedLlama:
         def attend(li, q, _k, _v):
             return triton_paged_decode_attention(q, kv[:, li, 0], kv[:, li, 1], tables, rows, lengths, self.net.scale,
                                                  splits=splits)
-        return _linear(self._forward(kv, tables, rows, tokens, positions, attend), self.lm_head.weight)
+        return self.lm_head(self._forward(kv, tables, rows, tokens, positions, attend))
 
     def prefill(self, kv, tables, rows, tokens, starts, lens, prefix: bool):
         """Row b's ``lens[b]`` tokens of ``tokens`` [B, T] at positions ``starts[b]..``: last-position logits.
@@ -274,4 +215,4 @@ class FusedLlama:
             return o.transpose(1, 2).reshape(B * T, H * D)
 
         h = self._forward(kv, tables, token_rows, tokens.reshape(-1), positions, attend, keep_k=not prefix)
-        return _linear(h.view(B, T, -1)[torch.arange(B, device=h.device), lens - 1], self.lm_head.weight)
+        return self.lm_head(h.view(B, T, -1)[torch.arange(B, device=h.device), lens - 1])
