@@ -105,7 +105,9 @@ def figure6(rows: list[Table2Row]) -> Figure:
     ax.grid(True, which="major", alpha=0.35)
     ax.grid(True, which="minor", axis="y", alpha=0.12)
     if handles:
-        ax.legend(handles=handles, loc="best", framealpha=0.92, fontsize=9)
+        # below the axes: with N up to the thousands every corner of the plot holds data
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3,
+                  frameon=False, fontsize=9)
     if not rows:
         ax.text(0.5, 0.5, "no agent-scaling results", transform=ax.transAxes, ha="center")
     fig.tight_layout()
