@@ -144,6 +144,14 @@ class Harness:
         return [(e["type"], e["reason"], e["message"]) for e in await self.list("Event")
                 if e["involvedObject"]["kind"] == KIND and e["involvedObject"]["name"] == name]
 
+    async def wait_events(self, name: str, check: Callable[[list], Any], timeout: float = 10) -> list[tuple[str, str, str]]:
+        """The Events about ``name`` once ``check(events)`` holds: kopf posts Events from a background queue,
+        so they can land after the status patch that a test has just seen."""
+        async def ready():
+            events = await self.events(name)
+            return events if check(events) else None
+        return await self.wait(f"Events of {name}", ready, timeout)
+
     async def delete(self, kind: str, name: str) -> None:
         async with self.http.delete(self._url(kind, name)) as r:
             assert r.status == 200, await r.text()

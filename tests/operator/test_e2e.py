@@ -32,7 +32,7 @@ def test_experiment_runs_to_success(e2e, s3_endpoint):
             ["True", "True", "False", "False"]
 
         # kubectl describe: a Normal Event for each phase change and each run's start and end
-        events = await h.events("exp1")
+        events = await h.wait_events("exp1", lambda ev: ev[-1][1] == "Succeeded")
         assert {t for t, _, _ in events} == {"Normal"}
         reasons = [r for _, r, _ in events]
         assert reasons.count("RunStarted") == 10 and reasons.count("RunSucceeded") == 9  # 11 runs, 1 skipped, 1 OOM
@@ -132,7 +132,7 @@ def test_invalid_failed_and_updated_experiments(e2e, s3_endpoint):
             assert conds["Progressing"]["status"] == "False" and conds["Valid"]["status"] == "False"
             assert status["observedGeneration"] == 1 and {c["observedGeneration"] for c in conds.values()} == {1}
             assert conds["Ready"]["status"] == "False" and conds["Ready"]["reason"] == "InvalidSpec"
-            assert await h.events(name) == [("Warning", "InvalidSpec", failed["message"])]
+            assert await h.wait_events(name, bool) == [("Warning", "InvalidSpec", failed["message"])]
             messages[name] = failed["message"]
         assert messages["negative"] == "spec.agentCounts: agent counts must be between 1 and 4096, got -2"
         assert messages["unknown"].startswith("spec.baselines.0: Input should be 'native_pytorch'")

@@ -47,7 +47,7 @@ def test_waits_end_vanished_children_return_foreign_ones_are_not_adopted_refusal
         status = await h.wait_phase("stuck", "Failed", timeout=15)
         assert _cond(status, "Failed")["reason"] == "RayClusterNotReady"
         assert "rayReadyDeadlineSeconds" in _cond(status, "Failed")["message"]
-        assert ("Warning", "RayClusterNotReady") in [e[:2] for e in await h.events("stuck")]
+        await h.wait_events("stuck", lambda ev: ("Warning", "RayClusterNotReady") in [e[:2] for e in ev])
 
         # a server that keeps crashing fails at once, quoting its last words (not after its deadline)
         status = await h.wait_phase("crashing", "Failed", timeout=10)
@@ -72,14 +72,15 @@ def test_waits_end_vanished_children_return_foreign_ones_are_not_adopted_refusal
         await h.delete("Job", "reused-native-pytorch-n1")  # the garbage collector's turn
         status = await h.wait_phase("reused", "Succeeded", "Failed")
         assert status["phase"] == "Succeeded" and not _cond(status, "ChildConflict")
-        assert ("Warning", "ChildConflict") in [e[:2] for e in await h.events("reused")]
+        await h.wait_events("reused", lambda ev: ("Warning", "ChildConflict") in [e[:2] for e in ev])
 
         # a child the API server refuses: its message in a condition and a Warning at once, Failed after 3 tries
         status = await h.wait_phase("refused", "Failed", timeout=15)
         rejected, failed = _cond(status, "ChildRejected"), _cond(status, "Failed")
         assert failed["reason"] == "ChildRejected" and "exceeded quota: gpu-quota" in failed["message"]
         assert "403 Forbidden" in rejected["message"] and "try 3 of 3" in rejected["message"]
-        warnings = [e[1] for e in await h.events("refused") if e[0] == "Warning"]
+        events = await h.wait_events("refused", lambda ev: ("Warning", "RunFailed") in [e[:2] for e in ev])
+        warnings = [e[1] for e in events if e[0] == "Warning"]
         assert warnings.count("ChildRejected") == 4 and warnings.count("RunFailed") == 1  # 3 tries, then Failed
         assert _cond(status, "Progressing")["status"] == "False" and _cond(status, "Ready")["status"] == "False"
         assert h.created("jobs").count("refused-native-pytorch-n1") == 3 and not await h.get("Job", "refused-native-pytorch-n1")
@@ -107,7 +108,7 @@ def test_experiments_take_the_gpu_pool_in_turn_across_restarts_and_kueue_admits_
         assert _cond(second, "Queued")["message"].endswith("held by lab/first; position 1")
         third = await h.wait_phase("third", "Queued")
         assert _cond(third, "Queued")["message"].endswith("held by lab/first; position 2")
-        assert ("Normal", "Queued") in [e[:2] for e in await h.events("third")]
+        await h.wait_events("third", lambda ev: ("Normal", "Queued") in [e[:2] for e in ev])
 
         # Kueue's experiment is left to Kueue: labelled, suspended Jobs, no turn-taking of ours
         job = await h.wait("kueued job", lambda: h.get("Job", "kueued-native-pytorch-n1"))
