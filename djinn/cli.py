@@ -6,7 +6,9 @@ import json
 import sys
 from typing import Any, Optional
 
-from djinn.spec import SpecError, parse_spec, load_spec_file
+from pydantic.alias_generators import to_snake
+
+from djinn.spec import SpecError, load_spec_file, parse_spec, read_document
 
 # The embedded default: the whole experiment on this machine in a few minutes (tiny model, CPU).
 EMBEDDED_DEFAULT: dict[str, Any] = {
@@ -64,6 +66,12 @@ def _add_overrides(p: argparse.ArgumentParser, baselines: bool = True) -> None:
     p.add_argument("--no-stop-on-oom", dest="stop_on_oom", action="store_false")
 
 
+def _set(data: dict, field: str, value: Any) -> None:
+    """Set a camelCase field of a raw spec, dropping its snake_case spelling (both are accepted)."""
+    data.pop(to_snake(field), None)
+    data[field] = value
+
+
 def resolve_spec(args: argparse.Namespace) -> tuple[str, Any]:
     """Spec file / --spec-json / embedded default, then command-line overrides; validated once."""
     name = "experiment"
@@ -73,8 +81,7 @@ def resolve_spec(args: argparse.Namespace) -> tuple[str, Any]:
         except json.JSONDecodeError as exc:
             raise SpecError(f"--spec-json: not valid JSON ({exc.msg})") from None
     elif getattr(args, "spec", None):
-        name, spec = load_spec_file(args.spec)
-        data = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+        name, data = read_document(args.spec)
     else:
         data = json.loads(json.dumps(getattr(args, "default_spec", EMBEDDED_DEFAULT)))
     if not isinstance(data, dict):
@@ -82,7 +89,7 @@ def resolve_spec(args: argparse.Namespace) -> tuple[str, Any]:
     for flag, (field, _) in _OVERRIDES.items():
         value = getattr(args, flag[2:].replace("-", "_"), None)
         if value is not None:
-            data[field] = value
+            _set(data, field, value)
     if args.agent_counts is not None and args.djinn_sweep_cap is None:
         # --agent-counts runs exactly those N (an operator Job runs one): the spec's sweep goes with them
         data.pop("djinnSweepCap", None)
@@ -90,14 +97,14 @@ def resolve_spec(args: argparse.Namespace) -> tuple[str, Any]:
     if getattr(args, "baselines", None):
         data["baselines"] = args.baselines
     if args.stop_on_oom is not None:
-        data["stopOnOom"] = args.stop_on_oom
+        _set(data, "stopOnOom", args.stop_on_oom)
     if args.output_dir or args.endpoint_url:
         out = dict(data.get("output") or {})
-        out.pop("endpoint_url", None)
         if args.output_dir:
-            out["uri"] = args.output_dir
+            # a local directory has no S3 region or endpoint: the spec's were for its own output
+            out = {**(out if args.output_dir.startswith("s3://") else {}), "uri": args.output_dir}
         if args.endpoint_url:
-            out["endpointUrl"] = args.endpoint_url
+            _set(out, "endpointUrl", args.endpoint_url)
         data["output"] = out
     return name, parse_spec(data)
 

@@ -59,6 +59,14 @@ _CPU = re.compile(r"^[0-9]+(\.[0-9]+)?$|^[0-9]+m$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_REGION = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# an image reference as the container runtimes parse it: [host[:port]/]path[:tag][@digest], path lowercase
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_HOST_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_IMAGE = re.compile(rf"^(?:{_HOST_PART}(?:\.{_HOST_PART})*(?::[0-9]+)?/)?{_PATH_PART}(?:/{_PATH_PART})*"
+                    r"(?::\w[\w.-]{0,127})?(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$")
+MAX_URI_BYTES = 512  # S3 keys are <= 1,024 bytes: the rest is namespace/name/results/<baseline>/<stamp>.json
+MAX_AGENT_COUNTS = 64
 
 
 def check_label_value(v: str, what: str) -> str:
@@ -94,6 +102,8 @@ class OutputSpec(_Model):
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
+        if len(v.encode()) > MAX_URI_BYTES:
+            raise ValueError(f"longer than {MAX_URI_BYTES} bytes; use a shorter prefix")
         if v.startswith("s3://") and not v[5:].split("/", 1)[0]:
             raise ValueError("s3 URI needs a bucket: s3://bucket/prefix")
         if "://" in v and not v.startswith("s3://"):
@@ -109,6 +119,13 @@ class OutputSpec(_Model):
             port = host.rpartition(":")[2] if ":" in host.lstrip("[").split("]")[-1] else "80"
             if scheme not in ("http", "https") or not sep or not host.strip(":[]") or not port.isdigit():
                 raise ValueError(f"{v!r} is not an http(s)://host[:port] URL")
+        return v
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not _REGION.match(v):
+            raise ValueError(f"{v!r} is not a region name like us-east-1")
         return v
 
     @property
@@ -182,6 +199,13 @@ class ClusterSpec(_Model):
         None, description="Kueue LocalQueue: every child gets the kueue.x-k8s.io/queue-name label and Jobs start "
                           "suspended for Kueue to admit; the operator's own GPU turn-taking is then left to Kueue")
 
+    @field_validator("image", "server_image", "ray_image")
+    @classmethod
+    def _image(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not _IMAGE.match(v):
+            raise ValueError(f"{v!r} is not an image reference like ghcr.io/org/name:tag (path lowercase, no spaces)")
+        return v
+
     @field_validator("server_memory", "client_memory")
     @classmethod
     def _memory(cls, v: str) -> str:
@@ -203,7 +227,8 @@ class ClusterSpec(_Model):
             check_label_value(value, f"value of {key}:")
         return v
 
-    @field_validator("model_claim", "hf_token_secret", "djinn_token_secret")
+    @field_validator("model_claim", "hf_token_secret", "djinn_token_secret", "credentials_secret",
+                     "service_account_name")
     @classmethod
     def _object_name(cls, v: Optional[str]) -> Optional[str]:
         if v is not None and (len(v) > 253 or not _DNS_SUBDOMAIN.match(v)):
@@ -247,6 +272,7 @@ class ExperimentSpec(_Model):
     baselines: list[Baseline] = Field(
         default_factory=lambda: list(AGENT_BASELINES), min_length=1)
     agent_counts: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32], min_length=1,
+                                    max_length=MAX_AGENT_COUNTS,
                                     json_schema_extra={"items": {"type": "integer", "minimum": 1,
                                                                  "maximum": MAX_AGENTS}})
     iterations: int = Field(1, ge=1, le=1000, description="Reason->Act->Reflect cycles per agent; each cycle grows the "
@@ -338,15 +364,21 @@ def split_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_ERROR_CHARS = 300
+
+
 def _first_error(exc: ValidationError) -> str:
+    """``spec.<field path>: <what, and the fix>`` on one line; odd keys quoted, long ones cut."""
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "spec"
+    path = "".join(f".{p}" if isinstance(p, str) and _FIELD.match(p) else f"[{p!r}]" for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field; remove it or check its spelling"
-    elif err["type"] == "enum":
-        msg = f"{msg}"
-    return f"spec.{loc}: {msg}"
+    elif err["type"] == "too_long":
+        msg = f"at most {err['ctx']['max_length']} items, got {err['ctx']['actual_length']}; give fewer"
+    line = " ".join(f"spec{path}: {msg}".split())
+    return line if len(line) <= MAX_ERROR_CHARS else line[:MAX_ERROR_CHARS - 3] + "..."
 
 
 def parse_spec(data: Any) -> ExperimentSpec:
@@ -359,22 +391,27 @@ def parse_spec(data: Any) -> ExperimentSpec:
         raise SpecError(_first_error(exc)) from None
 
 
-def parse_document(doc: Any) -> tuple[str, ExperimentSpec]:
-    """A full ``AgentScalingExperiment`` document (or a bare spec) -> (name, spec)."""
+def split_document(doc: Any) -> tuple[str, Any]:
+    """A full ``AgentScalingExperiment`` document (or a bare spec) -> (name, its spec, not yet validated)."""
     if not isinstance(doc, dict):
         raise SpecError("document: expected a YAML mapping")
     if "kind" not in doc and "spec" not in doc:
-        return "experiment", parse_spec(doc)
+        return "experiment", doc
     if doc.get("kind") != KIND:
         raise SpecError(f"kind: expected {KIND}, got {doc.get('kind')!r}")
     if doc.get("apiVersion") != API_VERSION:
         raise SpecError(f"apiVersion: expected {API_VERSION}, got {doc.get('apiVersion')!r}")
-    name = (doc.get("metadata") or {}).get("name") or "experiment"
-    return name, parse_spec(doc.get("spec") or {})
+    return (doc.get("metadata") or {}).get("name") or "experiment", doc.get("spec") or {}
 
 
-def load_spec_file(path: str | Path) -> tuple[str, ExperimentSpec]:
-    """Read a YAML file holding one experiment document."""
+def parse_document(doc: Any) -> tuple[str, ExperimentSpec]:
+    """A full ``AgentScalingExperiment`` document (or a bare spec) -> (name, spec)."""
+    name, raw = split_document(doc)
+    return name, parse_spec(raw)
+
+
+def read_document(path: str | Path) -> tuple[str, Any]:
+    """(name, spec not yet validated) of the YAML file holding one experiment document."""
     p = Path(path)
     try:
         doc = yaml.safe_load(p.read_text())
@@ -382,7 +419,13 @@ def load_spec_file(path: str | Path) -> tuple[str, ExperimentSpec]:
         raise SpecError(f"{p}: no such file") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return parse_document(doc)
+    return split_document(doc)
+
+
+def load_spec_file(path: str | Path) -> tuple[str, ExperimentSpec]:
+    """Read and validate a YAML file holding one experiment document."""
+    name, raw = read_document(path)
+    return name, parse_spec(raw)
 
 
 def to_document(name: str, spec: ExperimentSpec, namespace: Optional[str] = None) -> dict:

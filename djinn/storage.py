@@ -18,7 +18,7 @@ class Store(Protocol):
 
     def put_bytes(self, key: str, data: bytes, overwrite: bool = False) -> str: ...
     def get_bytes(self, key: str) -> bytes: ...
-    def list(self, prefix: str = "") -> list[str]: ...
+    def list(self, prefix: str = "", limit: Optional[int] = None) -> list[str]: ...
 
 
 class KeyExists(FileExistsError):
@@ -54,11 +54,11 @@ class LocalStore:
     def get_bytes(self, key: str) -> bytes:
         return (self.root / key).read_bytes()
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "", limit: Optional[int] = None) -> list[str]:
         if not self.root.exists():
             return []
         keys = (p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
-        return sorted(k for k in keys if k.startswith(prefix) and not Path(k).name.startswith("."))
+        return sorted(k for k in keys if k.startswith(prefix) and not Path(k).name.startswith("."))[:limit]
 
 
 class S3Store:
@@ -92,11 +92,11 @@ class S3Store:
     def get_bytes(self, key: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
 
-    def list(self, prefix: str = "") -> list[str]:
-        keys = []
+    def list(self, prefix: str = "", limit: Optional[int] = None) -> list[str]:
+        keys: list[str] = []
         base = self._key("")
         for page in self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self._key(prefix)):
+                Bucket=self.bucket, Prefix=self._key(prefix), PaginationConfig={"MaxItems": limit}):
             keys += [o["Key"][len(base):] for o in page.get("Contents", [])]
         return sorted(keys)
 

@@ -8,14 +8,23 @@ from djinn.spec import Baseline, SpecError, load_spec_file, parse_document, pars
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_examples_are_valid_and_round_trip():
+def _envsubst(path: Path, tmp_path: Path) -> Path:
+    """An example as its header's ``envsubst`` fills it in (docs/kubernetes.md)."""
+    filled = tmp_path / path.name
+    filled.write_text(path.read_text().replace("${BUCKET}", "my-djinn-results").replace("${AWS_REGION}", "us-east-1"))
+    return filled
+
+
+def test_examples_are_valid_and_round_trip(tmp_path):
     for path in (ROOT / "examples").glob("*.yaml"):
-        name, spec = load_spec_file(path)
+        name, spec = load_spec_file(_envsubst(path, tmp_path))
         again = parse_document(to_document(name, spec))
         assert again == (name, spec)
-    _, paper = load_spec_file(ROOT / "examples/experiment.yaml")
+    _, paper = load_spec_file(tmp_path / "experiment.yaml")
     assert paper.model_id == "meta-llama/Llama-2-7b-hf" and paper.agent_counts == [1, 2, 4, 8, 16, 32]
-    assert paper.output.is_s3 and Baseline.ray_keepalive in paper.baselines
+    assert paper.output.is_s3 and paper.output.region == "us-east-1" and Baseline.ray_keepalive in paper.baselines
+    with pytest.raises(SpecError, match=r"^spec.output.region: '\$\{AWS_REGION\}' is not a region name"):
+        load_spec_file(ROOT / "examples/experiment.yaml")  # not filled in: refused before anything runs
 
 
 def test_embedded_default_is_valid_and_small():
@@ -27,7 +36,7 @@ def test_embedded_default_is_valid_and_small():
 @pytest.mark.parametrize("patch, field", [
     ({"agentCounts": [1, -2]}, "spec.agentCounts"),
     ({"agentCounts": []}, "spec.agentCounts"),
-    ({"baselines": ["ray_keepalive", "magic"]}, "spec.baselines.1"),
+    ({"baselines": ["ray_keepalive", "magic"]}, "spec.baselines[1]"),
     ({"newTokens": 0}, "spec.newTokens"),
     ({"sleepSeconds": -1}, "spec.sleepSeconds"),
     ({"output": {"uri": ""}}, "spec.output.uri"),
@@ -44,21 +53,34 @@ def test_embedded_default_is_valid_and_small():
     ({"djinnSweepCap": 10**6}, "spec.djinnSweepCap"),
     ({"rayAddress": "garbage"}, "spec.rayAddress"),
     ({"output": {"uri": "s3://b/p", "endpointUrl": "minio:9000"}}, "spec.output.endpointUrl"),
-    ({"cluster": {"tolerations": [{"operator": "Equal", "value": "x"}]}}, "spec.cluster.tolerations.0"),
-    ({"cluster": {"tolerations": [{"key": "k", "operator": "Exists", "value": "x"}]}}, "spec.cluster.tolerations.0"),
-    ({"cluster": {"tolerations": [{"key": "bad key", "operator": "Exists"}]}}, "spec.cluster.tolerations.0"),
+    ({"cluster": {"tolerations": [{"operator": "Equal", "value": "x"}]}}, "spec.cluster.tolerations[0]"),
+    ({"cluster": {"tolerations": [{"key": "k", "operator": "Exists", "value": "x"}]}}, "spec.cluster.tolerations[0]"),
+    ({"cluster": {"tolerations": [{"key": "bad key", "operator": "Exists"}]}}, "spec.cluster.tolerations[0]"),
     ({"cluster": {"nodeSelector": {"gpu": "a100!"}}}, "spec.cluster.nodeSelector"),
     ({"cluster": {"serverCpu": "lots"}}, "spec.cluster.serverCpu"),
     ({"cluster": {"clientMemory": "2 GB"}}, "spec.cluster.clientMemory"),
     ({"cluster": {"queueName": "Team_A"}}, "spec.cluster.queueName"),
     ({"cluster": {"imagePullSecrets": ["Bad Secret"]}}, "spec.cluster.imagePullSecrets"),
     ({"cluster": {"serverReadyDeadlineSeconds": 0}}, "spec.cluster.serverReadyDeadlineSeconds"),
+    ({"agentCounts": list(range(1, 66))}, "spec.agentCounts"),  # the status holds one entry per run
+    ({"output": {"uri": "s3://b/" + "p" * 600}}, "spec.output.uri"),
+    ({"output": {"uri": "s3://b/p", "region": "us east 1"}}, "spec.output.region"),
+    ({"cluster": {"image": ""}}, "spec.cluster.image"),
+    ({"cluster": {"image": " djinn-bench:test"}}, "spec.cluster.image"),
+    ({"cluster": {"serverImage": "Djinn/Server:1"}}, "spec.cluster.serverImage"),
+    ({"cluster": {"rayImage": "rayproject/ray:2.40 "}}, "spec.cluster.rayImage"),
+    ({"cluster": {"serviceAccountName": "Bad Name!"}}, "spec.cluster.serviceAccountName"),
+    ({"cluster": {"credentialsSecret": "Bad_Secret"}}, "spec.cluster.credentialsSecret"),
+    # what cannot be a field name is quoted, and a long one cut: still one line
+    ({"bad\nfield": 1}, "spec['bad\\nfield']"),
+    ({"x" * 3000: 1}, "spec." + "x" * 292 + "..."),
+    ({"prompt": "hi", "promptFile": "p.txt"}, "spec"),
 ])
 def test_bad_specs_fail_with_one_line_naming_the_field(patch, field):
     with pytest.raises(SpecError) as err:
         parse_spec(dict(EMBEDDED_DEFAULT, **patch))
     msg = str(err.value)
-    assert msg.startswith(field + ":") and "\n" not in msg
+    assert (msg == field or msg.startswith(field + ":")) and "\n" not in msg and len(msg) <= 300
 
 
 def test_addresses_and_tolerations_the_api_server_takes_are_accepted():
@@ -95,7 +117,7 @@ def test_cli_rejects_bad_spec_with_one_line_and_exit_2(tmp_path, capsys):
     assert main(["run", "--spec-json", "{not json"]) == 2
     assert "--spec-json" in capsys.readouterr().err
     assert main(["run", "--agent-counts", "1", "--baselines", "nope", "--output-dir", str(tmp_path / "o")]) == 2
-    assert "spec.baselines.0" in capsys.readouterr().err
+    assert "spec.baselines[0]" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -110,6 +132,9 @@ def test_subcommands_dispatch_and_their_flags_reach_the_spec():
     assert spec.agent_counts == [1, 3] and spec.min_steps == 100 and spec.djinn_sweep_cap == 64
     assert spec.stop_on_oom is False and spec.output.uri == "s3://b/p"
     assert spec.emulated_device_memory is None  # agents/decode start from the paper's settings, not the demo
+    # the example's own local line: a local --output-dir replaces the whole output, S3 region and all
+    _, spec = cli.resolve_spec(p.parse_args(["run", str(ROOT / "examples/experiment.yaml"), "--output-dir", "out"]))
+    assert spec.output.uri == "out" and spec.output.region is None
     for argv, func in ((["run"], cli.cmd_run), (["decode"], cli.cmd_decode), (["validate", "x.yaml"], cli.cmd_validate),
                        (["analyze", "--input", "out"], cli.cmd_analyze)):
         assert p.parse_args(argv).func is func

@@ -37,16 +37,22 @@ def reconcile_interval() -> float:
 
 
 async def tick(memo: kopf.Memo, interval: float) -> None:
-    """Reconcile every unfinished experiment, forever; a failed round is logged and the next one retries."""
+    """Reconcile every unfinished experiment, forever; a failure is logged, the others go on, the next round retries."""
     while True:
         await asyncio.sleep(interval)
         try:
-            for obj in await k8s.list_all(KIND):
-                if (obj.get("status") or {}).get("phase") not in plan.FINISHED:
-                    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
-                    await reconcile(ns, name, memo.locks[ns, name])
+            experiments = await k8s.list_all(KIND)
         except Exception:  # noqa: BLE001  (the ticker outlives any one failure)
-            log.exception("periodic reconcile failed; retrying in %s s", interval)
+            log.exception("periodic reconcile: listing experiments failed; retrying in %s s", interval)
+            continue
+        for obj in experiments:
+            if (obj.get("status") or {}).get("phase") in plan.FINISHED:
+                continue
+            ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+            try:
+                await reconcile(ns, name, memo.locks[ns, name])
+            except Exception:  # noqa: BLE001  (one experiment's failure must not stop the others' deadlines)
+                log.exception("periodic reconcile of %s/%s failed; retrying in %s s", ns, name, interval)
 
 
 @kopf.on.startup()

@@ -171,7 +171,9 @@ async def event(owner: dict, type_: str, reason: str, message: str) -> None:
     meta = owner["metadata"]
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     body = {"apiVersion": "v1", "kind": "Event",
-            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+            # <= 253 characters, as any object name, however long the owner's
+            "metadata": {"name": f"{meta['name'][:236].rstrip('.-')}.{uuid.uuid4().hex[:16]}",
+                         "namespace": meta["namespace"]},
             "involvedObject": {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": meta["name"],
                                "namespace": meta["namespace"], "uid": meta.get("uid")},
             "type": type_, "reason": reason, "message": message[:1024],

@@ -28,6 +28,7 @@ DONE: frozenset[str] = frozenset({"Succeeded", "Failed", "OOM", "Skipped"})
 FINISHED: frozenset[str] = frozenset({"Succeeded", "Failed"})
 FAMILY_ORDER = ("native", "ray", "djinn")
 MAX_CHILD_REJECTIONS = 3  # refused writes of a child in a row before the experiment fails (ChildRejected)
+STORE_DEADLINE_S = 600  # an unreachable results store is waited for this long, then the experiment fails
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,14 @@ class Result:
     key: str
     oom: bool
     error: Optional[str] = None  # the run's own one-line failure, when its document records one
+
+
+@dataclass(frozen=True)
+class StoreProblem:
+    """The results store (S3) could not be read: its one line, and whether waiting cannot fix it."""
+
+    message: str
+    permanent: bool
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ class Observed:
     analysis: Optional[dict] = None      # analysis Job
     foreign: tuple[str, ...] = ()        # "Kind/name" of children held by another owner
     turn: Optional[Turn] = None          # set while the GPU pool is someone else's turn
+    store: Optional[StoreProblem] = None # the results store refused or did not answer (before start, at a result)
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,14 @@ def validate(raw: Any) -> ExperimentSpec:
     spec = parse_spec(raw)
     if not spec.output.is_s3:
         raise SpecError("spec.output.uri: the operator needs s3://bucket/prefix (a local path would stay in the pod)")
+    if spec.device == "cuda" and not spec.cluster.gpu:
+        raise SpecError("spec.device: cuda needs a GPU but cluster.gpu is false; set device: auto (or cpu), "
+                        "or cluster.gpu: true")
+    for field, address in (("rayAddress", spec.ray_address), ("djinnServer", spec.djinn_server)):
+        host = "" if address is None else address.removeprefix("ray://").rpartition(":")[0].strip("[]")
+        if address == "auto" or host == "localhost" or host.startswith("127.") or host == "::1":
+            raise SpecError(f"spec.{field}: {address!r} would point inside each Job's pod; give an address the pods "
+                            "reach (a Service's DNS name), or leave it unset for the operator to create one")
     if spec.weights == "pretrained" and spec.cluster.pretrained_source is None and not spec.model_id.startswith("/"):
         raise SpecError("spec.weights: pretrained needs the weights in the pods: set cluster.modelClaim (a volume "
                         "holding them) or cluster.hfTokenSecret (download from the hub), or use weights: synthetic")
@@ -323,6 +341,8 @@ def _finish_run(exp: Experiment, st: Status, run: Run, obs: Observed, now: str) 
     if outcome == "Failed":
         run.state, run.reason = "Failed", reason.split(":")[0]
         said = (obs.result.error if obs.result and obs.result.error else None) or obs.job_message
+        if obs.store:
+            said = "; ".join(x for x in (said, f"results store: {obs.store.message}") if x)
         fail(st, "RunFailed", f"{run.label} (job {run.job}) failed: {reason}" + (f"; {said}" if said else ""), now)
     elif obs.result is None:
         run.state, run.reason = "Failed", "ResultMissing"
@@ -437,6 +457,30 @@ def _conflicts(exp: Experiment, st: Status, obs: Observed, now: str) -> None:
         fail(st, "ChildConflict", f"{message}; still there after {limit} s: delete it or rename the experiment", now)
 
 
+def _store_blocks(st: Status, obs: Observed, now: str) -> bool:
+    """Whether the results store keeps the plan from going on. One that refused (no bucket, access denied)
+    fails the experiment at once, as it will refuse again; one that does not answer is waited for
+    (condition ResultStoreUnreachable) up to STORE_DEADLINE_S. A failed Job does not wait for it: its run
+    fails on what its pod said."""
+    i = current(st)
+    running = st.runs[i] if i is not None and st.runs[i].state == "Running" else None
+    if obs.store is None or (running and job_outcome(obs.job)[0] == "Failed"):
+        drop_condition(st, "ResultStoreUnreachable")
+        return False
+    message = (f"results store {st.results_uri}: {obs.store.message}; check spec.output (uri, region, endpointUrl) "
+               "and the operator's S3 access")
+    if not obs.store.permanent:
+        set_condition(st, "ResultStoreUnreachable", "True", "NoAnswer", message, now)
+        since = condition(st, "ResultStoreUnreachable").last_transition_time  # type: ignore[union-attr]
+        if _age_s(since, now) <= STORE_DEADLINE_S:
+            return True
+        message = f"{message}; no answer for {STORE_DEADLINE_S} s"
+    if running:
+        running.state, running.reason = "Failed", "ResultStoreError"
+    fail(st, "ResultStoreError", message, now)
+    return True
+
+
 def advance(exp: Experiment, st: Status, obs: Observed, now: str) -> tuple[Status, list[Action]]:
     """One reconcile step: new status (to store first) and the actions to apply after it."""
     st = st.model_copy(deep=True)
@@ -446,7 +490,8 @@ def advance(exp: Experiment, st: Status, obs: Observed, now: str) -> tuple[Statu
         actions = []
     else:
         _conflicts(exp, st, obs, now)
-        actions = [] if st.phase in FINISHED else _advance_runs(exp, st, obs, now)
+        blocked = st.phase in FINISHED or _store_blocks(st, obs, now)
+        actions = [] if blocked else _advance_runs(exp, st, obs, now)
     actions = infra_actions(exp, st, obs) + actions
     summarize(st, now)
     return st, [a for a in actions if a.target not in obs.foreign]
@@ -479,7 +524,7 @@ def accepted(st: Status) -> Status:
 _RUN_EVENTS = {"Running": ("Normal", "RunStarted", "started"), "Succeeded": ("Normal", "RunSucceeded", "succeeded"),
                "OOM": ("Normal", "RunOOM", "ran out of device memory"), "Skipped": ("Normal", "RunSkipped", "skipped"),
                "Failed": ("Warning", "RunFailed", "failed")}
-_WARNING_CONDITIONS = ("ChildRejected", "ChildConflict", "SpecUpdateRefused")
+_WARNING_CONDITIONS = ("ChildRejected", "ChildConflict", "SpecUpdateRefused", "ResultStoreUnreachable")
 
 
 def events(old: Status, new: Status) -> list[Event]:
@@ -497,11 +542,10 @@ def events(old: Status, new: Status) -> list[Event]:
         c, was = condition(new, type_), condition(old, type_)
         if c and c.status == "True" and (was is None or (was.status, was.message) != (c.status, c.message)):
             out.append(Event("Warning", type_, c.message))
-    if new.phase != old.phase:
-        if new.phase == "Failed":
-            failed = condition(new, "Failed")
-            out.append(Event("Warning", failed.reason if failed else "Failed", failed.message if failed else ""))
-        else:
-            c = condition(new, "Progressing") if new.phase not in FINISHED else condition(new, "Ready")
-            out.append(Event("Normal", new.phase, c.message if c else ""))
+    failed, told = condition(new, "Failed"), condition(old, "Failed") if old.phase == "Failed" else None
+    if new.phase == "Failed" and (told is None or failed is None or told.message != failed.message):
+        out.append(Event("Warning", failed.reason if failed else "Failed", failed.message if failed else ""))
+    elif new.phase != old.phase:
+        c = condition(new, "Progressing") if new.phase not in FINISHED else condition(new, "Ready")
+        out.append(Event("Normal", new.phase, c.message if c else ""))
     return out

@@ -12,7 +12,7 @@ import json
 import logging
 import secrets
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import kopf
 from kubernetes.client.exceptions import ApiException
@@ -73,6 +73,14 @@ async def gpu_turn(exp: Experiment, body: dict) -> Optional[plan.Turn]:
     return plan.Turn(holder=holding[0] if holding else min(ahead)[1], position=len(ahead) + 1)
 
 
+async def _from_store(read: Callable[..., Any], *args: Any) -> tuple[Any, Optional[plan.StoreProblem]]:
+    """A blocking S3 read, in a thread; what S3 refused or left unanswered becomes a StoreProblem."""
+    try:
+        return await asyncio.to_thread(read, *args), None
+    except results.STORE_ERRORS as exc:
+        return None, results.store_problem(exc)
+
+
 async def observe(exp: Experiment, st: Status, body: dict) -> plan.Observed:
     """Read the children the current step depends on (and the result of a finished run).
     A child owned by another uid reads as absent and is listed as foreign, never adopted."""
@@ -85,15 +93,17 @@ async def observe(exp: Experiment, st: Status, body: dict) -> plan.Observed:
             return None
         return obj
 
-    job = result = analysis = turn = said = crash = None
+    job = result = analysis = turn = said = crash = store = None
     i = plan.current(st)
     if i is not None and st.runs[i].state == "Running":
         job = await child("Job", st.runs[i].job)
         outcome = plan.job_outcome(job)[0]
         if outcome in ("Succeeded", "Failed"):
-            result = await asyncio.to_thread(results.find, exp.results_uri, exp.spec.output, st.runs[i])
+            result, store = await _from_store(results.find, exp.results_uri, exp.spec.output, st.runs[i])
         if outcome == "Failed":
             said = pods.last_words(await k8s.list_pods(ns, {"batch.kubernetes.io/job-name": st.runs[i].job}))
+    elif not plan.started(st):  # before any GPU time is spent: can the results be read back at all?
+        _, store = await _from_store(results.probe, exp.results_uri, exp.spec.output)
     if st.analysis and st.analysis.state == "Running":
         analysis = await child("Job", st.analysis.job)
     if not plan.started(st) and plan.holds_gpu(exp) and not exp.spec.cluster.queue_name:
@@ -102,7 +112,7 @@ async def observe(exp: Experiment, st: Status, body: dict) -> plan.Observed:
     if server is not None and plan.server_state(server) != "Ready":
         crash = pods.crash_loop(await k8s.list_pods(ns, server_labels(exp)))
     return plan.Observed(job=job, result=result, job_message=said, analysis=analysis, turn=turn, server=server,
-                         server_crash=crash, service=await child("Service", exp.server_name),
+                         server_crash=crash, store=store, service=await child("Service", exp.server_name),
                          auth_secret=await child("Secret", exp.server_name and exp.token_secret),
                          new_token=secrets.token_urlsafe(32),
                          ray=await child("RayCluster", exp.ray_name), foreign=tuple(foreign))

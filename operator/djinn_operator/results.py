@@ -4,14 +4,18 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Optional
 
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError
 from pydantic import ValidationError
 
 from djinn.results import ResultDocument
 from djinn.spec import OutputSpec
 from djinn.storage import open_store
 
-from .plan import Result
+from .plan import Result, StoreProblem
 from .status import Run
+
+STORE_ERRORS = (BotoCoreError, ClientError)
+RETRYABLE_STATUS = (408, 429)  # with 5xx: S3 busy or throttling, worth waiting for
 
 STAMP = "%Y%m%dT%H%M%S%fZ"  # djinn.results.timestamp(): 22 characters, then "-<hex>"
 CLOCK_SLACK = timedelta(seconds=60)
@@ -41,3 +45,20 @@ def find(results_uri: str, output: OutputSpec, run: Run) -> Optional[Result]:
     except ValidationError:
         return None
     return Result(key=key, oom=doc.oom, error=None if doc.oom else doc.error)
+
+
+def probe(results_uri: str, output: OutputSpec) -> None:
+    """Blocking: list one key under the results URI, raising what S3 answers (no bucket, access denied...)."""
+    open_store(results_uri, output.endpoint_url, output.region).list("", limit=1)
+
+
+def store_problem(exc: Exception) -> StoreProblem:
+    """One line for an S3 failure, and whether waiting can fix it: a store that refused (no such bucket,
+    access denied, bad region or credentials) will refuse again; an unreachable or busy one may come back."""
+    if isinstance(exc, ClientError):
+        err, meta = exc.response.get("Error", {}), exc.response.get("ResponseMetadata", {})
+        status = int(meta.get("HTTPStatusCode") or 0)
+        text = f"{err.get('Code') or status}: {err.get('Message') or exc}"
+        return StoreProblem(" ".join(text.split()), 400 <= status < 500 and status not in RETRYABLE_STATUS)
+    transient = isinstance(exc, (ConnectionError, HTTPClientError))
+    return StoreProblem(" ".join(f"{type(exc).__name__}: {exc}".split()), permanent=not transient)

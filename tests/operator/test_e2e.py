@@ -135,7 +135,7 @@ def test_invalid_failed_and_updated_experiments(e2e, s3_endpoint):
             assert await h.wait_events(name, bool) == [("Warning", "InvalidSpec", failed["message"])]
             messages[name] = failed["message"]
         assert messages["negative"] == "spec.agentCounts: agent counts must be between 1 and 4096, got -2"
-        assert messages["unknown"].startswith("spec.baselines.0: Input should be 'native_pytorch'")
+        assert messages["unknown"].startswith("spec.baselines[0]: Input should be 'native_pytorch'")
         assert messages["nooutput"].startswith("spec.output.uri: the operator needs s3://bucket/prefix")
 
         status = await h.wait_phase("fails", "Failed")

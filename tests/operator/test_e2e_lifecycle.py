@@ -140,3 +140,24 @@ def test_experiments_take_the_gpu_pool_in_turn_across_restarts_and_kueue_admits_
 async def _queued_behind(h, name, holder):
     cond = _cond(await h.status(name), "Queued")
     return cond if cond.get("status") == "True" and f"held by {holder};" in cond["message"] else None
+
+
+def test_a_results_store_that_refuses_fails_before_any_job_and_never_holds_the_gpu(e2e, s3_endpoint):
+    async def scenario(h):
+        h.start_kubelet()
+        gpu = dict(baselines=["native_pytorch"], agentCounts=[1])
+        nobucket = experiment_spec(s3_endpoint, **gpu)
+        nobucket["output"]["uri"] = "s3://no-such-bucket/x"
+        await h.create_experiment("nobucket", nobucket)
+        await asyncio.sleep(1.1)  # creationTimestamp has one-second resolution: nobucket is first in line
+        await h.create_experiment("after", experiment_spec(s3_endpoint, **gpu))
+
+        status = await h.wait_phase("nobucket", "Failed")
+        failed = _cond(status, "Failed")
+        assert failed["reason"] == "ResultStoreError" and "\n" not in failed["message"]
+        assert failed["message"].startswith("results store s3://no-such-bucket/x/lab/nobucket: NoSuchBucket: ")
+        await h.wait_events("nobucket", lambda ev: ("Warning", "ResultStoreError") in [e[:2] for e in ev])
+        assert (await h.wait_phase("after", "Succeeded", "Failed"))["phase"] == "Succeeded"
+        assert not [n for n in h.created("jobs") if n.startswith("nobucket")]  # no GPU time spent on it
+
+    e2e(scenario)

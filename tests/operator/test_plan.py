@@ -197,9 +197,14 @@ def test_running_run_whose_job_is_missing_gets_it_created_under_the_same_name():
 
 @pytest.mark.parametrize("bad,message", [
     ({"agentCounts": [2, -1]}, "spec.agentCounts: agent counts must be between 1 and 4096, got -1"),
-    ({"baselines": ["warp_drive"]}, "spec.baselines.0: Input should be "),
+    ({"baselines": ["warp_drive"]}, "spec.baselines[0]: Input should be "),
     ({"output": None}, "spec.output"),
     ({"output": {"uri": "/tmp/results"}}, "spec.output.uri: the operator needs s3://bucket/prefix"),
+    ({"device": "cuda", "cluster": {"gpu": False}}, "spec.device: cuda needs a GPU but cluster.gpu is false"),
+    ({"rayAddress": "auto"}, "spec.rayAddress: 'auto' would point inside each Job's pod"),
+    ({"rayAddress": "ray://127.0.0.1:10001"}, "spec.rayAddress: 'ray://127.0.0.1:10001' would point inside"),
+    ({"djinnServer": "localhost:5556"}, "spec.djinnServer: 'localhost:5556' would point inside each Job's pod"),
+    ({"agentCounts": list(range(1, 66))}, "spec.agentCounts: at most 64 items, got 65; give fewer"),
 ])
 def test_invalid_spec_fails_with_one_line(bad, message):
     raw = {k: v for k, v in {**spec(), **bad}.items() if v is not None}
@@ -385,3 +390,60 @@ def test_last_words_come_from_the_newest_failed_container_and_a_crash_loop_needs
     assert pods.last_words([_pod("t1", 0, "all good", code=0, state="state")]) is None
     assert pods.crash_loop([_pod("t1", 1, "djinn-server: cannot load")]) is None  # one exit: maybe a blip
     assert pods.crash_loop([_pod("t1", 2, "djinn-server: cannot load")]) == "djinn-server: cannot load"
+
+
+LATER = "2026-11-22T10:10:01Z"  # past plan.STORE_DEADLINE_S (600 s)
+NO_BUCKET = plan.StoreProblem("NoSuchBucket: The specified bucket does not exist", permanent=True)
+NO_ANSWER = plan.StoreProblem("EndpointConnectionError: Could not connect to the endpoint URL", permanent=False)
+
+
+def _failed(st):
+    return next(c for c in st.conditions if c.type == "Failed")
+
+
+def test_a_results_store_that_refuses_fails_the_experiment_before_any_job():
+    st, exp = plan.prepare("exp1", "lab", spec(baselines=["native_pytorch"], agentCounts=[1]), {}, NOW)
+    st, actions = plan.advance(exp, st, plan.Observed(store=NO_BUCKET), NOW)
+    assert actions == [] and st.phase == "Failed" and _failed(st).reason == "ResultStoreError"
+    assert _failed(st).message == ("results store s3://bkt/pre/lab/exp1: NoSuchBucket: The specified bucket does not "
+                                   "exist; check spec.output (uri, region, endpointUrl) and the operator's S3 access")
+    assert st.runs[0].state == "Pending"  # nothing ran
+
+
+def test_a_results_store_that_does_not_answer_is_waited_for_up_to_its_deadline():
+    st, exp = plan.prepare("exp1", "lab", spec(baselines=["native_pytorch"], agentCounts=[1]), {}, NOW)
+    running, _ = plan.advance(exp, st, plan.Observed(), NOW)  # the run started
+    done = {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    st, actions = plan.advance(exp, running, plan.Observed(job=done, store=NO_ANSWER), NOW)
+    waiting = next(c for c in st.conditions if c.type == "ResultStoreUnreachable")
+    assert actions == [] and st.phase == "Running" and st.runs[0].state == "Running"  # not ResultMissing
+    assert waiting.reason == "NoAnswer" and "EndpointConnectionError" in waiting.message
+    assert [(e.type, e.reason) for e in plan.events(running, st)] == [("Warning", "ResultStoreUnreachable")]
+    back, _ = plan.advance(exp, st, plan.Observed(job=done, result=plan.Result("k", False)), NOW)  # it came back
+    assert back.runs[0].state == "Succeeded" and not [c for c in back.conditions if c.type == "ResultStoreUnreachable"]
+    st, _ = plan.advance(exp, st, plan.Observed(job=done, store=NO_ANSWER), LATER)
+    assert st.phase == "Failed" and _failed(st).reason == "ResultStoreError" and _failed(st).message.endswith(
+        "no answer for 600 s")
+    assert st.runs[0].state == "Failed" and st.runs[0].reason == "ResultStoreError"
+
+
+def test_a_failed_job_does_not_wait_for_the_store_and_says_both():
+    st, exp = plan.prepare("exp1", "lab", spec(baselines=["native_pytorch"], agentCounts=[1]), {}, NOW)
+    st, _ = plan.advance(exp, st, plan.Observed(), NOW)
+    failed_job = {"status": {"conditions": [FAILED_JOB]}}
+    st, _ = plan.advance(exp, st, plan.Observed(job=failed_job, job_message="botocore: NoSuchBucket", store=NO_ANSWER),
+                         NOW)
+    assert st.phase == "Failed" and _failed(st).reason == "RunFailed" and st.runs[0].reason == "BackoffLimitExceeded"
+    assert _failed(st).message.endswith("; botocore: NoSuchBucket; results store: " + NO_ANSWER.message)
+
+
+def test_a_spec_fixed_to_another_invalid_one_tells_the_new_message():
+    sim = Sim(spec(agentCounts=[-1]))
+    sim.reconcile()
+    old = Status.model_validate(sim.status)
+    sim.spec = spec(agentCounts=[5000])
+    sim.reconcile()
+    new = Status.model_validate(sim.status)
+    assert [(e.type, e.reason, e.message) for e in plan.events(old, new)] == [
+        ("Warning", "InvalidSpec", "spec.agentCounts: agent counts must be between 1 and 4096, got 5000")]
+    assert plan.events(new, new) == []
