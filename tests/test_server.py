@@ -116,7 +116,7 @@ def test_malformed_frames_get_an_error_reply_and_the_server_survives(djinn_serve
             c.request("generate", session_id=s.id, session_key=s.key, max_new_tokens="many", tokens=[1])
         with pytest.raises(DjinnError, match="^tokens: id -1"):
             c.forward([-1])
-        with pytest.raises(DjinnError, match="^tokens: expected a 1-D int64 tensor of token ids, got float32"):
+        with pytest.raises(DjinnError, match="^tokens: expected a 1-D int64 or int32 tensor of token ids, got float32"):
             c.request("forward", {"tokens": torch.ones(3)})
         with pytest.raises(DjinnError, match=r"^k: expected a cache of shape \[2, 2, length, 16\]"):
             c.forward([1], past_kv=(torch.zeros(2, 2, 4, 8), torch.zeros(2, 2, 4, 8)))

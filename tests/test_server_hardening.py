@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -129,7 +130,7 @@ def test_2_wrong_types_are_refused_at_the_boundary_and_a_neighbour_is_untouched(
         with pytest.raises(DjinnError, match="^return_kv: expected true or false"):
             c.request("forward", tokens=[1], return_kv="yes")
         for tokens in (torch.tensor(5), torch.ones(2, 2, dtype=torch.int64), torch.ones(2)):  # a scalar, 2-D, float
-            with pytest.raises(DjinnError, match=r"^tokens: expected a 1-D int64 tensor of token ids") as err:
+            with pytest.raises(DjinnError, match=r"^tokens: expected a 1-D int64 or int32 tensor of token ids") as err:
                 c.request("generate", {"tokens": tokens}, session_id=s.id, session_key=s.key, max_new_tokens=1)
             assert err.value.code == "bad_request"
     t.join(timeout=60)
@@ -152,12 +153,22 @@ def test_2_wrong_types_are_refused_at_the_boundary_and_a_neighbour_is_untouched(
     (b'{"op":"generate","tensors":[{"name":"tokens","dtype":"int64","shape":[1e30,0],"offset":0,"nbytes":0}]}',
      "shape: expected an integer"),
     (b'{"op":"hello","id":NaN}', "NaN is not JSON"),
+    # an empty tensor whose other dimensions overflow torch's strides; an integer Python will not parse
+    (b'{"op":"hello","tensors":[{"name":"z","dtype":"int64","shape":[0,2147483648,2147483648,2147483648],'
+     b'"offset":0,"nbytes":0}]}', "tensor 'z': shape [0, 2147483648, 2147483648, 2147483648] spans more than"),
+    (b'{"op":"hello","x":' + b"1" * 4301 + b"}", "header: a number has more than 4300 digits"),
 ])
 def test_3_malformed_descriptors_get_a_protocol_error_reply(server, header, error):
     replies = raw_exchange(server.address, HELLO, frame(header, bytes(8)))
     assert replies[0]["ok"] is True
     assert replies[1]["code"] == "protocol_error" and error in replies[1]["error"]
     assert "Traceback" not in server.log.read_text()
+
+
+def test_3_a_protocol_error_echoes_the_id_of_a_header_that_parsed(server):
+    replies = raw_exchange(server.address, HELLO, frame(b'{"op":"hello","id":5,"tensors":"x"}'))
+    assert replies[1] == {"ok": False, "id": 5, "code": "protocol_error",
+                          "error": "tensors: expected a list of at most 16 descriptors"}
 
 
 def _start(tmp_path, *extra: str) -> tuple[subprocess.Popen, str, int]:
@@ -212,6 +223,47 @@ def test_4_requests_past_the_grace_are_answered_shutting_down(tmp_path):
     c.close()
 
 
+def test_4_a_stopping_server_refuses_every_new_request_and_exits_though_clients_keep_sending(tmp_path):
+    """Clients looping hello used to keep a stopping server up (a cancel lost in asyncio.wait_for) and every op
+    but generate/forward was still served during the grace."""
+    proc, address, control = _start(tmp_path, "--shutdown-grace", "3", "--max-seq-len", "1024")
+    busy = DjinnClient(address).connect()  # holds the grace open
+    s = busy.open_session()
+    busy._sock.sendall(protocol.encode({"op": "generate", "id": 1, "session_id": s.id, "session_key": s.key,
+                                        "max_new_tokens": 900, "tokens": PROMPT}))
+    codes: list[str] = []
+
+    def loop_hello():
+        c = DjinnClient(address).connect()
+        try:
+            while True:
+                c._sock.sendall(protocol.encode({"op": "hello"}))
+                (length,) = struct.unpack(">I", c._recv_exact(9)[5:9])
+                header, _ = protocol.decode_payload(c._recv_exact(length))
+                if not header["ok"]:
+                    codes.append(header["code"])
+                    return
+        except (OSError, DjinnError):
+            codes.append("closed")
+
+    loopers = [threading.Thread(target=loop_hello, daemon=True) for _ in range(6)]
+    for t in loopers:
+        t.start()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # within the grace: the generate still runs
+    late = DjinnClient(address)
+    with pytest.raises((DjinnError, OSError)):
+        late.connect()  # no new connections
+    assert http(SimpleNamespace(control_port=control), "POST", "/v1/sessions", b"{}", token="") == \
+        (503, {"error": "the server is shutting down; retry on another server or later", "code": "shutting_down"})
+    assert proc.wait(timeout=10) == 0  # grace 3 s, then every connection closed
+    for t in loopers:
+        t.join(timeout=5)
+    assert codes == ["shutting_down"] * 6
+    busy.close()
+
+
 def test_5_sessions_belong_to_their_opener_and_the_token_guards_both_planes(server):
     with client(server) as owner, client(server) as other:
         s = owner.open_session()
@@ -235,6 +287,41 @@ def test_5_sessions_belong_to_their_opener_and_the_token_guards_both_planes(serv
                         "error": "token: this server requires its bearer token (send hello with token first)"}]
     assert http(server, "GET", "/metrics", token="")[0] == 401
     assert http(server, "GET", "/healthz", token="")[0] == 200  # the kubelet's probe needs none
+
+
+def test_2_odd_but_documented_requests_get_what_the_protocol_says(server, tiny_llama):
+    with client(server) as c:
+        s = c.open_session()
+        for rid in (1.5, [1], {}, True):  # the client numbers its own requests: this one by hand
+            c._sock.sendall(protocol.encode({"op": "hello", "id": rid}))
+            (length,) = struct.unpack(">I", c._recv_exact(9)[5:9])
+            assert protocol.decode_payload(c._recv_exact(length))[0] == {
+                "ok": False, "id": None, "code": "bad_request",
+                "error": f"id: expected a string or an integer, got {rid!r}"}
+        with pytest.raises(DjinnError, match=r"^tokens: sent both as a tensor and as a JSON list; send one"):
+            c.request("generate", {"tokens": torch.tensor([5])}, session_id=s.id, session_key=s.key, tokens=[6])
+        for fields, message in (({"dtype": "float16"}, "^dtype: djinn/tiny-llama is loaded with dtype float32, not "
+                                                       "float16; ask for float32 or auto"),
+                                ({"weights": "pretrained"}, "^weights: djinn/tiny-llama is loaded with weights "
+                                                            "synthetic, not pretrained")):
+            with pytest.raises(DjinnError, match=message) as err:  # one copy of a model: never silently another
+                c.request("load_model", model_id=TINY_LLAMA, **fields)
+            assert err.value.code == "bad_request"
+        assert c.request("load_model", model_id=TINY_LLAMA, dtype="float32", weights="auto").header["ok"]
+        nulled = c.request("open_session", mode=None)  # JSON null is a field left out
+        assert nulled.header["ok"] and nulled.header["session_id"]
+        # a zero-length past is a past: semantic_blind's first step may send one
+        shape = tiny_llama.model.config
+        empty = torch.zeros(shape.num_hidden_layers, shape.num_key_value_heads,
+                            0, shape.hidden_size // shape.num_attention_heads)
+        out = c.request("forward", {"tokens": torch.tensor(PROMPT[:4]), "k": empty, "v": empty}, return_kv=True)
+        no_past = c.request("forward", {"tokens": torch.tensor(PROMPT[:4])}, return_kv=True)
+        assert torch.equal(out.tensors["logits"], no_past.tensors["logits"]) and out.tensors["k"].shape[2] == 4
+    assert http(server, "POST", "/v1/sessions", json.dumps({"mode": None}).encode())[0] == 200
+    assert http(server, "GET", "/v1/nowhere") == (404, {"error": "path: no '/v1/nowhere' here; see docs/protocol.md",
+                                                        "code": "not_found"})
+    assert http(server, "PUT", "/v1/models") == (405, {"error": "method: PUT is not served on '/v1/models'",
+                                                       "code": "bad_request"})
 
 
 def test_5_a_non_loopback_bind_needs_a_token_or_insecure():
@@ -289,7 +376,7 @@ def test_7_limits_are_derived_enforced_and_typed(server, tiny_llama):
         head, _, text = s.recv(65536).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 413") and json.loads(text) == too_large
     status, body = http(server, "POST", "/v1/sessions", b'{"modelId": 5}')
-    assert status == 400 and body == {"error": "model_id: expected a model id string, got int", "code": "bad_request"}
+    assert status == 400 and body == {"error": "model_id: expected a model id string such as sshleifer/tiny-gpt2, got 5", "code": "bad_request"}
     status, body = http(server, "POST", "/v1/sessions", b'{"mode": NaN}')
     assert status == 400 and body["error"] == "body: NaN is not JSON (strict JSON has no NaN or Infinity)"
 
@@ -391,3 +478,58 @@ def test_open_sessions_are_capped_by_max_sessions():
                 entry.engine.shutdown()
 
     assert asyncio.run(scenario()) == ("concurrency_limit", (429, "concurrency_limit"), 2, True)
+
+
+def test_concurrent_opens_count_each_other_against_max_sessions():
+    """Each open awaits the engine thread between its --max-sessions check and its session: 30 at once used to
+    all get in."""
+    import asyncio
+
+    from djinn.server.service import DjinnService, RequestError
+
+    async def scenario():
+        service = DjinnService(ServerConfig(device="cpu", weights="synthetic", max_sessions=8))
+        await service.load(TINY_LLAMA)
+        try:
+            opened = await asyncio.gather(*[service.open_session(None, None, "full_djinn") for _ in range(30)],
+                                          return_exceptions=True)
+            refused = [o.code for o in opened if isinstance(o, RequestError)]
+            return len(service.sessions), refused
+        finally:
+            for entry in service.models.values():
+                entry.engine.shutdown()
+
+    assert asyncio.run(scenario()) == (8, ["concurrency_limit"] * 22)
+
+
+def test_a_failing_compute_step_is_internal_and_fails_only_its_request():
+    """A step that raises on a request the engine accepted is the server's bug: code internal, not bad_request
+    (docs/protocol.md); the session stays as it was and the next request is served."""
+    import asyncio
+
+    from djinn.server.service import DjinnService, RequestError
+
+    async def scenario():
+        service = DjinnService(ServerConfig(device="cpu", weights="synthetic"))
+        engine = (await service.load(TINY_LLAMA)).engine
+        try:
+            sid, key = await service.open_session(None, None, "full_djinn")
+            real = engine._prefill_step
+
+            def broken(batch):
+                if batch:
+                    engine._prefill_step = real
+                    raise RuntimeError("a kernel fell over")
+                return real(batch)
+
+            engine._prefill_step = broken
+            with pytest.raises(RequestError) as err:
+                await service.generate(None, sid, key, PROMPT, 3)
+            again = await service.generate(None, sid, key, PROMPT, 3)
+            fresh = await service.generate(None, *(await service.open_session(None, None, "full_djinn")), PROMPT, 3)
+            return err.value.code, str(err.value), (again.tokens, again.kv_processed_len) == (fresh.tokens,
+                                                                                              fresh.kv_processed_len)
+        finally:
+            engine.shutdown()
+
+    assert asyncio.run(scenario()) == ("internal", "engine step failed: RuntimeError: a kernel fell over", True)

@@ -41,6 +41,14 @@ class KVCacheFull(EngineError):
     """No room for a request's KV on the device nor, by parking idle sessions, on the host."""
 
 
+class SessionGone(EngineError):
+    """The session does not exist (never opened, or closed while its request waited)."""
+
+
+class StepFailed(EngineError):
+    """A compute step raised on a request the engine had accepted: a bug, not the request's fault."""
+
+
 @dataclass
 class Result:
     tokens: list[int]
@@ -172,7 +180,7 @@ class Engine:
             return False
         for r in self.sched.waiting + self.sched.running:
             if r.session is s:
-                self._abort(r, EngineError(f"session {session_id} closed"))
+                self._abort(r, SessionGone(f"session {session_id} was closed while this request waited"))
         if s.moving is not None:  # a copy in flight reads or writes its blocks: let it land first
             s.moving.wait()
             self._landed()
@@ -182,7 +190,7 @@ class Engine:
     def _park_by_id(self, session_id: str) -> bool:
         s = self.sessions.get(session_id)
         if s is None:
-            raise EngineError(f"session {session_id} not found")
+            raise SessionGone(f"session {session_id} not found")
         if not s.busy:
             plan = Plan()
             self.sched.park(s, plan)
@@ -194,7 +202,7 @@ class Engine:
         if fut.cancelled():  # its client left before the engine saw it
             return None
         if s is None:
-            _settle(fut, exc=EngineError(f"session {session_id} not found; open it first"))
+            _settle(fut, exc=SessionGone(f"session {session_id} not found; open it first"))
             return None
         if s.busy:
             _settle(fut, exc=EngineError(f"session {session_id} already has a request in flight"))
@@ -421,7 +429,7 @@ class Engine:
                 running = list(self.sched.running)
                 log.exception("engine step failed (%d requests in the step)", len(running))
                 if len(running) == 1:
-                    self._abort(running[0], EngineError(f"engine error: {exc}"))
+                    self._abort(running[0], StepFailed(f"engine step failed: {type(exc).__name__}: {exc}"))
                 else:  # which one? each runs alone until it succeeds or fails on its own
                     for r in running:
                         self._retry(r)

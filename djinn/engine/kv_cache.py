@@ -167,11 +167,11 @@ class PagedKVCache:
         packed[:n, :, 0] = k.permute(2, 0, 1, 3)
         packed[:n, :, 1] = v.permute(2, 0, 1, 3)
         packed = packed.view(nb, self.block_size, L, 2, H, D).permute(0, 2, 3, 4, 1, 5)
-        self.kv[torch.tensor(blocks[:nb], device=self.device)] = packed.to(self.device)
+        self.kv[torch.tensor(blocks[:nb], dtype=torch.long, device=self.device)] = packed.to(self.device)
 
     def read(self, blocks: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         nb = -(-n // self.block_size)
-        packed = self.kv[torch.tensor(blocks[:nb], device=self.device)].cpu()  # [nb, L, 2, H, BS, D]
+        packed = self.kv[torch.tensor(blocks[:nb], dtype=torch.long, device=self.device)].cpu()  # [nb, L, 2, H, BS, D]
         L, _, H, BS, D = self.block_shape
         flat = packed.permute(1, 2, 3, 0, 4, 5).reshape(L, 2, H, nb * BS, D)[:, :, :, :n]
         return flat[:, 0].contiguous(), flat[:, 1].contiguous()

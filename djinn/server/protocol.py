@@ -8,8 +8,11 @@ tail. Frames larger than the receiver's limit are refused before reading them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import struct
+import sys
 from typing import Any, Optional
 
 import torch
@@ -23,13 +26,17 @@ DEFAULT_MAX_FRAME = 64 << 20  # without a model to size it from (see djinn.serve
 MAX_DEPTH = 32                # JSON nesting a header may use
 MAX_HEADER = 1 << 20          # header bytes (token ids and KV travel as tensors, not JSON)
 MAX_TENSORS, MAX_DIMS, MAX_DIM = 16, 8, 1 << 31
+MAX_SPAN = 1 << 62            # bytes a shape may span, its empty dimensions counted as 1 (torch's strides fit)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "int64": torch.int64, "int32": torch.int32}
 
 
 class ProtocolError(Exception):
-    """A malformed or oversized frame; the connection is answered with an error and closed."""
+    """A malformed or oversized frame; the connection is answered with an error and closed.
+    ``request_id``: the frame's ``id`` when its header parsed, echoed in that answer."""
+
+    request_id: Any = None
 
 
 def encode(header: dict[str, Any], tensors: Optional[dict[str, torch.Tensor]] = None) -> bytes:
@@ -82,6 +89,8 @@ def parse_header(raw: bytes) -> dict[str, Any]:
         header = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"header is not JSON: {exc}") from None
+    except ValueError:  # Python refuses integers of more than sys.get_int_max_str_digits() digits
+        raise ProtocolError(f"header: a number has more than {sys.get_int_max_str_digits()} digits") from None
     if not isinstance(header, dict):
         raise ProtocolError("header must be a JSON object")
     return header
@@ -121,39 +130,47 @@ def decode_payload(payload: bytes) -> tuple[dict[str, Any], dict[str, torch.Tens
     if hlen > MAX_HEADER:
         raise ProtocolError(f"header of {hlen} bytes exceeds {MAX_HEADER}; send token ids as a tensor")
     header = parse_header(payload[_HLEN.size:_HLEN.size + hlen])
-    metas = header.pop("tensors", None)
+    try:
+        return header, _tensors(header.pop("tensors", None), bytearray(payload[_HLEN.size + hlen:]))
+    except ProtocolError as exc:
+        exc.request_id = header.get("id")
+        raise
+
+
+def _tensors(metas: Any, tail: bytearray) -> dict[str, torch.Tensor]:
+    """The tensors the descriptors ``metas`` place in ``tail``."""
     if metas is None:
         metas = []
     if not isinstance(metas, list) or len(metas) > MAX_TENSORS:
         raise ProtocolError(f"tensors: expected a list of at most {MAX_TENSORS} descriptors")
-    tail = bytearray(payload[_HLEN.size + hlen:])
     tensors: dict[str, torch.Tensor] = {}
     for meta in metas:
         name, dtype, lo, n, shape = _descriptor(meta)
         if name in tensors:
             raise ProtocolError(f"tensor {name!r} appears twice")
-        count = 1
-        for d in shape:
-            count *= d
+        if math.prod(max(d, 1) for d in shape) * dtype.itemsize > MAX_SPAN:  # strides of [0, 2**31, ...] too
+            raise ProtocolError(f"tensor {name!r}: shape {list(shape)} spans more than {MAX_SPAN} bytes")
+        count = math.prod(shape)
         if lo + n > len(tail) or count * dtype.itemsize != n:
             raise ProtocolError(f"tensor {name!r} does not fit the frame")
         tensors[name] = (torch.frombuffer(tail, dtype=dtype, count=count, offset=lo).reshape(shape)
                          if count else torch.empty(shape, dtype=dtype))
-    return header, tensors
+    return tensors
 
 
 async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_FRAME,
                      idle_timeout: Optional[float] = None, read_timeout: Optional[float] = None) -> Optional[bytes]:
     """The next payload, or None at a clean end of stream. ``idle_timeout`` bounds the wait for a frame
-    to start, ``read_timeout`` the time its bytes take once started (a stalled sender holds nothing)."""
+    to start, ``read_timeout`` the time the whole frame takes once started (a stalled sender holds nothing)."""
     try:
-        first = await asyncio.wait_for(reader.readexactly(1), idle_timeout)
+        first = await _within(reader.readexactly(1), idle_timeout)
     except asyncio.IncompleteReadError:
         return None
     except asyncio.TimeoutError:
         raise ProtocolError(f"idle for {idle_timeout:.0f} s with no request; reconnect when needed") from None
+    deadline = None if read_timeout is None else asyncio.get_running_loop().time() + read_timeout
     try:
-        prefix = first + await asyncio.wait_for(reader.readexactly(_PREFIX.size - 1), read_timeout)
+        prefix = first + await _within(reader.readexactly(_PREFIX.size - 1), _left(deadline))
     except asyncio.IncompleteReadError:
         raise ProtocolError("connection closed inside a frame prefix") from None
     except asyncio.TimeoutError:
@@ -166,9 +183,29 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_
     if length > max_frame:
         raise ProtocolError(f"frame of {length} bytes exceeds the {max_frame}-byte limit")
     try:
-        return await asyncio.wait_for(reader.readexactly(length), read_timeout)
+        return await _within(reader.readexactly(length), _left(deadline))
     except asyncio.IncompleteReadError:
         raise ProtocolError("connection closed inside a frame") from None
     except asyncio.TimeoutError:
         raise ProtocolError(f"frame of {length} bytes not received within {read_timeout:.0f} s") from None
 
+
+def _left(deadline: Optional[float]) -> Optional[float]:
+    return None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+
+
+async def _within(read: Any, timeout: Optional[float]) -> bytes:
+    """``read`` bounded by ``timeout``. Not asyncio.wait_for: before Python 3.12 it can return the data
+    and drop a cancel that raced with it, which left a stopping server serving a busy client."""
+    task = asyncio.ensure_future(read)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise asyncio.TimeoutError
+    return task.result()

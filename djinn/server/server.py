@@ -51,8 +51,10 @@ def _tokens(header: dict, tensors: dict, key: str = "tokens") -> list[int]:
     """Token ids: an int64/int32 tensor, or a JSON list of integers (never booleans)."""
     if key in tensors:
         t = tensors[key]
+        if header.get(key) is not None:
+            raise RequestError("bad_request", f"{key}: sent both as a tensor and as a JSON list; send one")
         if t.dtype not in (torch.int64, torch.int32) or t.dim() != 1:
-            raise RequestError("bad_request", f"{key}: expected a 1-D int64 tensor of token ids, "
+            raise RequestError("bad_request", f"{key}: expected a 1-D int64 or int32 tensor of token ids, "
                                               f"got {str(t.dtype).removeprefix('torch.')} of shape {list(t.shape)}")
         return t.tolist()
     value = [] if header.get(key) is None else header[key]
@@ -64,6 +66,9 @@ def _tokens(header: dict, tensors: dict, key: str = "tokens") -> list[int]:
 def _request_id(h: dict) -> Any:
     rid = h.get("id")
     return rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+
+
+SHUTTING_DOWN = "the server is shutting down; retry on another server or later"
 
 
 @dataclass
@@ -78,7 +83,7 @@ class DataPlane:
     def __init__(self, service: DjinnService, config: ServerConfig, read_timeout: float, idle_timeout: float):
         self.service, self.config = service, config
         self.read_timeout, self.idle_timeout = read_timeout, idle_timeout
-        self.handlers: set[asyncio.Task] = set()
+        self.handlers: dict[asyncio.Task, asyncio.StreamWriter] = {}
         self.inflight: dict[asyncio.Future, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
         self.left: set[asyncio.Future] = set()  # requests cancelled because their client left
         self._watcher: Optional[asyncio.Task] = None
@@ -91,7 +96,7 @@ class DataPlane:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(self.service.new_connection(), authenticated=self.config.auth_token is None)
         task = asyncio.current_task()
-        self.handlers.add(task)
+        self.handlers[task] = writer
         try:
             while True:
                 try:
@@ -102,9 +107,15 @@ class DataPlane:
                     header, tensors = protocol.decode_payload(payload)
                 except protocol.ProtocolError as exc:
                     log.warning("connection %d: %s; closing it", conn.id, exc)
-                    await self._send(writer, protocol.encode({"ok": False, "code": "protocol_error", "error": str(exc)}))
+                    rid = _request_id({"id": exc.request_id})
+                    await self._send(writer, protocol.encode({"ok": False, "id": rid, "code": "protocol_error",
+                                                              "error": str(exc)}))
                     break
                 self.service.counters["bytes_in_total"] += len(payload) + protocol.PREFIX_BYTES
+                if self.service.draining:  # every new request, whatever its op; then the connection goes
+                    await self._send(writer, protocol.encode({"ok": False, "id": _request_id(header),
+                                                              "code": "shutting_down", "error": SHUTTING_DOWN}))
+                    break
                 if not self._authenticate(conn, header):
                     await self._send(writer, protocol.encode({
                         "ok": False, "id": _request_id(header), "code": "unauthorized",
@@ -118,10 +129,27 @@ class DataPlane:
             pass
         except asyncio.CancelledError:  # shutdown after the grace: the connection's request was answered
             pass
+        except Exception:  # a frame the decoder should have refused: a bug, said once, never a silent drop
+            log.exception("connection %d: frame not served", conn.id)
+            with contextlib.suppress(Exception):
+                await self._send(writer, protocol.encode({"ok": False, "code": "internal",
+                                                          "error": "the server could not decode this frame"}))
         finally:
-            self.handlers.discard(task)
+            self.handlers.pop(task, None)
             await self.service.connection_lost(conn.id)
             writer.close()
+
+    async def close_all(self, wait_s: float = 2.0) -> None:
+        """After the grace: cancel every connection's handler (a request still running is answered
+        shutting_down first), then abort the transports of any that did not end within ``wait_s``."""
+        handlers = dict(self.handlers)
+        for task in handlers:
+            task.cancel()
+        _, left = await asyncio.wait(handlers, timeout=wait_s) if handlers else (set(), set())
+        for task in left:
+            handlers[task].transport.abort()
+        if left:
+            await asyncio.wait(left, timeout=wait_s)
 
     def _authenticate(self, conn: Connection, header: dict) -> bool:
         if not conn.authenticated and same_secret(header.get("token"), self.config.auth_token):
@@ -168,6 +196,8 @@ class DataPlane:
         rid, op = _request_id(header), header.get("op")
         handler = getattr(self, f"op_{op}", None) if isinstance(op, str) and op.isidentifier() else None
         try:
+            if header.get("id") is not None and rid is None:
+                raise RequestError("bad_request", f"id: expected a string or an integer, got {header['id']!r}"[:200])
             if handler is None:
                 raise RequestError("bad_request", f"op: unknown operation {op!r}"[:200])
             body, out = await handler(conn, header, tensors)
@@ -188,7 +218,7 @@ class DataPlane:
                 "weight_bytes": entry.loaded.weight_bytes}, None
 
     async def op_open_session(self, conn, h, t):
-        sid, key = await self.service.open_session(conn, h.get("model_id"), h.get("mode", "full_djinn"),
+        sid, key = await self.service.open_session(conn, h.get("model_id"), _field(h, "mode", str, "full_djinn"),
                                                    h.get("weights"))
         return {"session_id": sid, "session_key": key}, None
 
@@ -246,7 +276,24 @@ def control_app(service: DjinnService, config: ServerConfig, read_timeout: float
                          or same_secret(bearer(request), config.admin_token)):
             return web.json_response({"error": "Authorization: send 'Bearer <the server's token>'",
                                       "code": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"})
+        if service.draining and request.method != "GET":  # reads go on: /healthz says stopping
+            return web.json_response({"error": SHUTTING_DOWN, "code": "shutting_down"}, status=503)
         return await handler(request)
+
+    @web.middleware
+    async def json_errors(request: web.Request, handler):
+        """aiohttp's own refusals (unknown path, wrong method, stalled body) as {"error", "code"} too."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400 or exc.content_type == "application/json":
+                raise
+            what = {404: f"path: no {request.path[:100]!r} here; see docs/protocol.md",
+                    405: f"method: {request.method} is not served on {request.path[:100]!r}"}
+            error = what.get(exc.status) or " ".join((exc.text or exc.reason).split())
+            return web.json_response({"error": error, "code": "not_found" if exc.status == 404 else "bad_request"},
+                                     status=exc.status, headers={k: v for k, v in exc.headers.items()
+                                                                 if k.lower() == "allow"})
 
     async def healthz(_):
         # ready once a model serves: a client loading another one must not take the pod out of its Service
@@ -309,7 +356,7 @@ def control_app(service: DjinnService, config: ServerConfig, read_timeout: float
     async def open_session(request):
         async def run():
             d = await body(request)
-            sid, key = await service.open_session(None, d.get("modelId"), d.get("mode", "full_djinn"))
+            sid, key = await service.open_session(None, d.get("modelId"), _field(d, "mode", str, "full_djinn"))
             return {"sessionId": sid, "sessionKey": key}
         return await call(run)
 
@@ -327,7 +374,7 @@ def control_app(service: DjinnService, config: ServerConfig, read_timeout: float
         return web.json_response({"sessions": [{"sessionId": k, "modelId": v.model_id, "mode": v.mode}
                                                for k, v in service.sessions.items()]})
 
-    app = web.Application(middlewares=[auth], client_max_size=CONTROL_MAX_BODY)
+    app = web.Application(middlewares=[json_errors, auth], client_max_size=CONTROL_MAX_BODY)
     app.add_routes([web.get("/healthz", healthz), web.get("/metrics", metrics), web.get("/v1/models", models),
                     web.post("/v1/models", load_model), web.get("/v1/sessions", sessions),
                     web.post("/v1/sessions", open_session), web.delete("/v1/sessions/{sid}", close_session)])
@@ -375,10 +422,7 @@ async def serve(config: ServerConfig, ready: Optional[asyncio.Event] = None,
         deadline = loop.time() + grace_s
         while service.active and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        handlers = list(plane.handlers)
-        for task in handlers:  # idle connections, and requests past the grace (answered first)
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
+        await plane.close_all()
     finally:
         reap.cancel()
         data.close()

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from djinn.engine.engine import MODES, Engine, EngineError, KVCacheFull
+from djinn.engine.engine import MODES, Engine, EngineError, KVCacheFull, SessionGone, StepFailed
 from djinn.engine.kv_cache import available_host_bytes
 from djinn.models.loader import (LoadedModel, ModelLoadError, estimate_weight_bytes, load_model, resolve_device,
                                  shipped_model_ids)
@@ -35,6 +35,13 @@ class RequestError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
+
+
+def _refusal(exc: EngineError) -> RequestError:
+    """What the client is told of an engine error: its code says whose fault it is."""
+    code = ("out_of_memory" if isinstance(exc, KVCacheFull) else "not_found" if isinstance(exc, SessionGone)
+            else "internal" if isinstance(exc, StepFailed) else "bad_request")
+    return RequestError(code, str(exc))
 
 
 def kv_budget_bytes(max_vram_gb: float, weight_bytes: int, device: torch.device, used_bytes: int = 0,
@@ -100,6 +107,7 @@ class DjinnService:
         self.models: dict[str, ModelEntry] = {}
         self.sessions: dict[str, SessionInfo] = {}
         self.active = 0
+        self._opening = 0  # open_session calls between their --max-sessions check and their session
         self.counters = {"requests_total": 0, "requests_refused_total": 0, "bytes_in_total": 0,
                          "bytes_out_total": 0, "sessions_opened_total": 0, "sessions_expired_total": 0}
         self._conn_ids = itertools.count(1)
@@ -124,13 +132,14 @@ class DjinnService:
         """Load ``model_id`` once; later calls (any session, any client) share it. From the wire only an
         allowed id loads, and only if its weights and a KV cache fit --max-vram-gb (checked before allocating)."""
         if not isinstance(model_id, str) or not model_id:
-            raise RequestError("bad_request", f"model_id: expected a model id string, got {type(model_id).__name__}")
+            raise RequestError("bad_request", f"model_id: expected a model id string such as sshleifer/tiny-gpt2, "
+                                              f"got {model_id!r}"[:200])
         for name, value, choices in (("weights", weights, ("auto", "pretrained", "synthetic")),
                                      ("dtype", dtype, ("auto", "float32", "float16", "bfloat16"))):
             if value is not None and value not in choices:
                 raise RequestError("bad_request", f"{name}: expected one of {', '.join(choices)}, got {value!r}"[:200])
         if model_id in self.models:
-            return self.models[model_id]
+            return self._as_loaded(self.models[model_id], weights, dtype)
         if wire and model_id not in allowed_models(self.config):
             raise RequestError("forbidden", f"model_id: {model_id!r} is not loadable on this server; allowed: "
                                             f"{', '.join(sorted(allowed_models(self.config)))} (operators add ids "
@@ -157,6 +166,17 @@ class DjinnService:
                      str(loaded.dtype).removeprefix("torch."), engine.cache.n_blocks, engine.cache.block_size,
                      engine.cache.nbytes / GiB, engine.max_seq)
             return self.models[model_id]
+
+    @staticmethod
+    def _as_loaded(entry: ModelEntry, weights: Any, dtype: Any) -> ModelEntry:
+        """A model loads once: asking for it with other weights or another dtype is refused, not ignored."""
+        loaded = entry.loaded
+        have_dtype = str(loaded.dtype).removeprefix("torch.")
+        for name, want, have in (("weights", weights, loaded.weights), ("dtype", dtype, have_dtype)):
+            if want not in (None, "auto", have):
+                raise RequestError("bad_request", f"{name}: {loaded.model_id} is loaded with {name} {have}, not {want}; "
+                                                  f"ask for {have} or auto (one copy of a model serves every session)")
+        return entry
 
     def _model(self, model_id: Any) -> ModelEntry:
         """The named model, or the server's default (its --model-id, else the first loaded)."""
@@ -189,14 +209,19 @@ class DjinnService:
         """(session id, session key): the key proves ownership in every later request on the session."""
         if mode not in MODES:
             raise RequestError("bad_request", f"mode: {mode!r} is not one of {', '.join(MODES)}"[:200])
-        if len(self.sessions) >= self.config.max_sessions:  # a client that never closes must not exhaust memory
-            self.counters["requests_refused_total"] += 1
+        if len(self.sessions) + self._opening >= self.config.max_sessions:  # a client that never closes must not
+            self.counters["requests_refused_total"] += 1                      # exhaust memory
             raise RequestError("concurrency_limit", f"open_session: the server holds {len(self.sessions)} sessions, its "
                                                     f"--max-sessions {self.config.max_sessions}; close sessions you no "
                                                     f"longer use (idle ones expire after --session-ttl "
                                                     f"{self.config.session_ttl_s:g} s)")
-        entry = await self.load(model_id, weights) if model_id is not None else self._model(None)
-        s = await asyncio.wrap_future(entry.engine.open_session(mode))
+        self._opening += 1  # the slot is taken before the awaits below, so concurrent opens count each other
+        try:
+            entry = (await self.load(model_id, weights) if model_id is not None
+                     else self._as_loaded(self._model(None), weights, None))
+            s = await asyncio.wrap_future(entry.engine.open_session(mode))
+        finally:
+            self._opening -= 1
         info = self.sessions[s.id] = SessionInfo(entry.loaded.model_id, mode, conn)
         self.counters["sessions_opened_total"] += 1
         return s.id, info.key
@@ -261,10 +286,8 @@ class DjinnService:
         self._check_tokens(entry, tokens)
         try:
             return await asyncio.wrap_future(entry.engine.generate(sid, tokens, max_new_tokens))
-        except KVCacheFull as exc:
-            raise RequestError("out_of_memory", str(exc)) from None
         except EngineError as exc:
-            raise RequestError("bad_request", str(exc)) from None
+            raise _refusal(exc) from None
 
     async def forward(self, model_id: Optional[str], tokens: list[int], past_kv=None, return_kv: bool = False):
         entry = self._model(model_id)
@@ -280,10 +303,8 @@ class DjinnService:
             if past_kv is not None:
                 past_kv = tuple(t.to(entry.loaded.dtype) for t in past_kv)
             return await asyncio.wrap_future(entry.engine.forward(tokens, past_kv, return_kv))
-        except KVCacheFull as exc:
-            raise RequestError("out_of_memory", str(exc)) from None
         except EngineError as exc:
-            raise RequestError("bad_request", str(exc)) from None
+            raise _refusal(exc) from None
 
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.counters, active_requests=self.active,
