@@ -74,8 +74,13 @@ class Experiment:
         return self.spec.ray_address or raycluster.client_address(self.ray_name, self.namespace)
 
     def spec_json(self) -> str:
-        return json.dumps(self.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
-                          separators=(",", ":"), sort_keys=True)
+        return spec_json(self.spec)
+
+
+def spec_json(spec: ExperimentSpec) -> str:
+    """The spec as every Job gets it (``--spec-json``) and the status records it (``plannedSpec``)."""
+    return json.dumps(spec.model_dump(mode="json", by_alias=True, exclude_none=True), separators=(",", ":"),
+                      sort_keys=True)
 
 
 def _labels(exp: Experiment, component: str, **extra: str) -> dict[str, str]:

@@ -29,6 +29,7 @@ FINISHED: frozenset[str] = frozenset({"Succeeded", "Failed"})
 FAMILY_ORDER = ("native", "ray", "djinn")
 MAX_CHILD_REJECTIONS = 3  # refused writes of a child in a row before the experiment fails (ChildRejected)
 STORE_DEADLINE_S = 600  # an unreachable results store is waited for this long, then the experiment fails
+MAX_SPEC_ARG = 96 << 10  # bytes of the spec every Job gets as one argument (Linux: 128 KiB per argument)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,10 @@ def validate(raw: Any) -> ExperimentSpec:
     spec = parse_spec(raw)
     if not spec.output.is_s3:
         raise SpecError("spec.output.uri: the operator needs s3://bucket/prefix (a local path would stay in the pod)")
+    size = len(manifests.spec_json(spec).encode())
+    if size > MAX_SPEC_ARG:
+        raise SpecError(f"spec: {size} bytes as JSON, over the {MAX_SPEC_ARG} every Job takes it in (one command-line "
+                        "argument); shorten spec.prompt or other long fields")
     if spec.device == "cuda" and not spec.cluster.gpu:
         raise SpecError("spec.device: cuda needs a GPU but cluster.gpu is false; set device: auto (or cpu), "
                         "or cluster.gpu: true")

@@ -205,6 +205,7 @@ def test_running_run_whose_job_is_missing_gets_it_created_under_the_same_name():
     ({"rayAddress": "ray://127.0.0.1:10001"}, "spec.rayAddress: 'ray://127.0.0.1:10001' would point inside"),
     ({"djinnServer": "localhost:5556"}, "spec.djinnServer: 'localhost:5556' would point inside each Job's pod"),
     ({"agentCounts": list(range(1, 66))}, "spec.agentCounts: at most 64 items, got 65; give fewer"),
+    ({"prompt": "x" * 100_000}, "spec: 100790 bytes as JSON, over the 98304 every Job takes it in (one command-line"),
 ])
 def test_invalid_spec_fails_with_one_line(bad, message):
     raw = {k: v for k, v in {**spec(), **bad}.items() if v is not None}
