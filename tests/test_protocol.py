@@ -77,3 +77,34 @@ def test_oversized_and_foreign_frames_are_refused_before_reading():
     with pytest.raises(protocol.ProtocolError, match="version"):
         asyncio.run(read(struct.pack(">4sBI", b"DJNN", 9, 1), 1024))
     assert asyncio.run(read(b"", 1024)) is None
+
+
+def test_a_cancel_racing_with_a_frames_bytes_is_not_lost():
+    """The bytes arrive and the cancel lands in the same loop turn: asyncio.wait_for (Python < 3.12) returned the
+    frame and dropped the cancel, so a stopping server went on serving a client that kept sending."""
+    async def race():
+        reader = asyncio.StreamReader()
+        read = asyncio.ensure_future(protocol.read_frame(reader, idle_timeout=30, read_timeout=30))
+        await asyncio.sleep(0.01)  # waiting for a frame to start
+        reader.feed_data(protocol.encode({"op": "hello"}))
+        read.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await read
+
+    asyncio.run(race())
+
+
+def test_read_timeout_is_one_deadline_for_the_whole_frame():
+    """Each part on time but the frame late: prefix and payload used to get --read-timeout each."""
+    frame = protocol.encode({"op": "hello"})
+
+    async def trickle():
+        reader = asyncio.StreamReader()
+        read = asyncio.ensure_future(protocol.read_frame(reader, read_timeout=1))
+        for part in (frame[:1], frame[1:9], frame[9:]):  # 0.6 s apart: 1.2 s in all
+            reader.feed_data(part)
+            await asyncio.sleep(0.6)
+        return await read
+
+    with pytest.raises(protocol.ProtocolError, match=r"^frame of \d+ bytes not received within 1 s"):
+        asyncio.run(trickle())

@@ -227,6 +227,8 @@ def test_4_a_stopping_server_refuses_every_new_request_and_exits_though_clients_
     """Clients looping hello used to keep a stopping server up (a cancel lost in asyncio.wait_for) and every op
     but generate/forward was still served during the grace."""
     proc, address, control = _start(tmp_path, "--shutdown-grace", "3", "--max-seq-len", "1024")
+    stalled = socket.create_connection(("127.0.0.1", control), timeout=10)  # its body never comes: held the exit 60 s
+    stalled.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{}")
     busy = DjinnClient(address).connect()  # holds the grace open
     s = busy.open_session()
     busy._sock.sendall(protocol.encode({"op": "generate", "id": 1, "session_id": s.id, "session_key": s.key,
@@ -262,6 +264,7 @@ def test_4_a_stopping_server_refuses_every_new_request_and_exits_though_clients_
         t.join(timeout=5)
     assert codes == ["shutting_down"] * 6
     busy.close()
+    stalled.close()
 
 
 def test_5_sessions_belong_to_their_opener_and_the_token_guards_both_planes(server):
@@ -271,8 +274,9 @@ def test_5_sessions_belong_to_their_opener_and_the_token_guards_both_planes(serv
         for op in ("generate", "park", "close_session"):
             with pytest.raises(SessionNotFound):  # the id alone is not enough
                 other.request(op, session_id=s.id, max_new_tokens=1, tokens=[4])
-            with pytest.raises(SessionNotFound):
-                other.request(op, session_id=s.id, session_key="guess", max_new_tokens=1, tokens=[4])
+            for key in ("guess", "\ud800"):  # a lone surrogate is a JSON string too (it used to be internal)
+                with pytest.raises(SessionNotFound):
+                    other.request(op, session_id=s.id, session_key=key, max_new_tokens=1, tokens=[4])
         assert len(s.generate([4], 2)) == 2  # still the owner's, from the same place
         status, body = http(server, "DELETE", f"/v1/sessions/{s.id}")
         assert status == 404
@@ -282,9 +286,10 @@ def test_5_sessions_belong_to_their_opener_and_the_token_guards_both_planes(serv
         assert s.close() is True
     with pytest.raises(Unauthorized):
         DjinnClient(server.address, token="wrong").connect()
-    replies = raw_exchange(server.address, frame(b'{"op":"stats","id":3}'))
-    assert replies == [{"ok": False, "id": 3, "code": "unauthorized",
-                        "error": "token: this server requires its bearer token (send hello with token first)"}]
+    for header in (b'{"op":"stats","id":3}', b'{"op":"stats","id":3,"token":"\\ud800"}'):
+        assert raw_exchange(server.address, frame(header)) == [{
+            "ok": False, "id": 3, "code": "unauthorized",
+            "error": "token: this server requires its bearer token (send hello with token first)"}]
     assert http(server, "GET", "/metrics", token="")[0] == 401
     assert http(server, "GET", "/healthz", token="")[0] == 200  # the kubelet's probe needs none
 
@@ -379,6 +384,14 @@ def test_7_limits_are_derived_enforced_and_typed(server, tiny_llama):
     assert status == 400 and body == {"error": "model_id: expected a model id string such as sshleifer/tiny-gpt2, got 5", "code": "bad_request"}
     status, body = http(server, "POST", "/v1/sessions", b'{"mode": NaN}')
     assert status == 400 and body["error"] == "body: NaN is not JSON (strict JSON has no NaN or Infinity)"
+    assert http(server, "POST", "/v1/sessions", b'{"mode": ' + b"1" * 4301 + b"}") == \
+        (400, {"error": "body: a number has more than 4300 digits", "code": "bad_request"})  # was 500, plain text
+    with socket.create_connection(("127.0.0.1", server.control_port), timeout=10) as s:  # a body that stalls
+        s.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+                  + b"\r\nContent-Length: 10\r\n\r\n{}")
+        head, _, text = s.recv(65536).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and json.loads(text) == {"error": "body: not received within 1 s",
+                                                                          "code": "bad_request"}
 
 
 def test_a_client_past_1024_descriptors_works(server):
@@ -533,3 +546,94 @@ def test_a_failing_compute_step_is_internal_and_fails_only_its_request():
             engine.shutdown()
 
     assert asyncio.run(scenario()) == ("internal", "engine step failed: RuntimeError: a kernel fell over", True)
+
+
+def test_a_session_closed_under_its_running_request_answers_it_not_found():
+    """Its owner closes it from another connection while a generate runs: the session is gone (not_found), the
+    request was not bad."""
+    import asyncio
+
+    from djinn.server.service import DjinnService, RequestError
+
+    async def scenario():
+        service = DjinnService(ServerConfig(device="cpu", weights="synthetic", max_seq_len=1024))
+        engine = (await service.load(TINY_LLAMA)).engine
+        try:
+            sid, key = await service.open_session(1, None, "full_djinn")
+            running = asyncio.ensure_future(service.generate(1, sid, key, PROMPT, 900))
+            await asyncio.sleep(0)  # it reaches the engine first
+            assert await service.close_session(2, sid, key)
+            with pytest.raises(RequestError) as err:
+                await running
+            return err.value.code, str(err.value) == f"session {sid} was closed while this request waited"
+        finally:
+            engine.shutdown()
+
+    assert asyncio.run(scenario()) == ("not_found", True)
+
+
+async def _plane_on_loopback():
+    """A data plane (no model) on a free loopback port, served in this process: (plane, asyncio server, address)."""
+    import asyncio
+
+    from djinn.server.server import DataPlane
+    from djinn.server.service import DjinnService
+
+    config = ServerConfig(device="cpu")
+    plane = DataPlane(DjinnService(config), config, read_timeout=5, idle_timeout=5)
+    listener = await asyncio.start_server(plane.handle, "127.0.0.1", 0)
+    return plane, listener, listener.sockets[0].getsockname()[:2]
+
+
+def test_a_frame_the_decoder_fails_on_is_answered_protocol_error(monkeypatch):
+    """Should a check miss (here: the span check off, so torch's strides overflow), the client still gets a reply
+    and the connection closes; it used to be dropped without one."""
+    import asyncio
+
+    monkeypatch.setattr(protocol, "MAX_SPAN", 1 << 200)
+    header = (b'{"op":"hello","tensors":[{"name":"z","dtype":"int64","shape":[0,2147483648,2147483648,2147483648],'
+              b'"offset":0,"nbytes":0}]}')
+
+    async def scenario():
+        _, listener, address = await _plane_on_loopback()
+        reader, writer = await asyncio.open_connection(*address)
+        try:
+            writer.write(frame(header))
+            return await asyncio.wait_for(reader.read(), 10)  # to the end: the server closes
+        finally:
+            writer.close()
+            listener.close()
+
+    data = asyncio.run(scenario())
+    (length,) = struct.unpack(">I", data[5:9])
+    reply = protocol.decode_payload(data[9:9 + length])[0]
+    assert reply == {"ok": False, "id": None, "code": "protocol_error",
+                     "error": "frame: not decodable (RuntimeError); check it against docs/protocol.md"}
+
+
+def test_after_the_grace_a_connection_that_ignores_its_cancel_is_cut_off(monkeypatch):
+    """A handler whose read swallows the cancel (as asyncio.wait_for could before Python 3.12) must not keep the
+    server up: its transport is aborted, which ends the read, and close_all returns within its bound."""
+    import asyncio
+
+    async def deaf_read(reader, *args, **kwargs):
+        while True:
+            try:
+                return await reader.read(1) or None  # None at the end of the stream
+            except asyncio.CancelledError:
+                continue
+
+    monkeypatch.setattr(protocol, "read_frame", deaf_read)
+
+    async def scenario():
+        plane, listener, address = await _plane_on_loopback()
+        reader, writer = await asyncio.open_connection(*address)
+        try:
+            await asyncio.sleep(0.1)  # its handler waits in the read
+            await asyncio.wait_for(plane.close_all(wait_s=0.2), 5)
+            return await asyncio.wait_for(reader.read(), 5) == b"", len(plane.handlers)
+        finally:
+            writer.close()  # the client's end too: a handler left behind would keep asyncio.run from returning
+            listener.close()
+
+    assert asyncio.run(scenario()) == (True, 0)

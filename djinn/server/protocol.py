@@ -167,14 +167,14 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_
     except asyncio.IncompleteReadError:
         return None
     except asyncio.TimeoutError:
-        raise ProtocolError(f"idle for {idle_timeout:.0f} s with no request; reconnect when needed") from None
+        raise ProtocolError(f"idle for {idle_timeout:g} s with no request; reconnect when needed") from None
     deadline = None if read_timeout is None else asyncio.get_running_loop().time() + read_timeout
     try:
         prefix = first + await _within(reader.readexactly(_PREFIX.size - 1), _left(deadline))
     except asyncio.IncompleteReadError:
         raise ProtocolError("connection closed inside a frame prefix") from None
     except asyncio.TimeoutError:
-        raise ProtocolError(f"frame prefix not received within {read_timeout:.0f} s") from None
+        raise ProtocolError(f"frame prefix not received within {read_timeout:g} s") from None
     magic, version, length = _PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise ProtocolError("bad magic: not a Djinn frame")
@@ -187,7 +187,7 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_
     except asyncio.IncompleteReadError:
         raise ProtocolError("connection closed inside a frame") from None
     except asyncio.TimeoutError:
-        raise ProtocolError(f"frame of {length} bytes not received within {read_timeout:.0f} s") from None
+        raise ProtocolError(f"frame of {length} bytes not received within {read_timeout:g} s") from None
 
 
 def _left(deadline: Optional[float]) -> Optional[float]:

@@ -24,6 +24,7 @@ from djinn.server.service import DjinnService, RequestError, same_secret
 
 log = logging.getLogger("djinn.server")
 DISCONNECT_POLL_S = 0.2  # how often the requests in flight are checked for a client that left
+LET_GO_S = 2.0           # after the shutdown grace: how long a connection (either plane) may take to end
 
 
 def is_loopback(host: str) -> bool:
@@ -129,17 +130,18 @@ class DataPlane:
             pass
         except asyncio.CancelledError:  # shutdown after the grace: the connection's request was answered
             pass
-        except Exception:  # a frame the decoder should have refused: a bug, said once, never a silent drop
+        except Exception as exc:  # a frame the decoder should have refused: logged as the bug it is, still answered
             log.exception("connection %d: frame not served", conn.id)
             with contextlib.suppress(Exception):
-                await self._send(writer, protocol.encode({"ok": False, "code": "internal",
-                                                          "error": "the server could not decode this frame"}))
+                await self._send(writer, protocol.encode({
+                    "ok": False, "id": None, "code": "protocol_error",
+                    "error": f"frame: not decodable ({type(exc).__name__}); check it against docs/protocol.md"}))
         finally:
             self.handlers.pop(task, None)
             await self.service.connection_lost(conn.id)
             writer.close()
 
-    async def close_all(self, wait_s: float = 2.0) -> None:
+    async def close_all(self, wait_s: float = LET_GO_S) -> None:
         """After the grace: cancel every connection's handler (a request still running is answered
         shutting_down first), then abort the transports of any that did not end within ``wait_s``."""
         handlers = dict(self.handlers)
@@ -332,7 +334,7 @@ def control_app(service: DjinnService, config: ServerConfig, read_timeout: float
         except web.HTTPRequestEntityTooLarge:  # a chunked body past the limit
             raise too_large from None
         except asyncio.TimeoutError:
-            raise web.HTTPRequestTimeout(text=f"body: not received within {read_timeout:.0f} s") from None
+            raise web.HTTPRequestTimeout(text=f"body: not received within {read_timeout:g} s") from None
         try:
             data = protocol.parse_header(raw) if raw else {}
         except protocol.ProtocolError as exc:
@@ -397,7 +399,8 @@ async def serve(config: ServerConfig, ready: Optional[asyncio.Event] = None,
     data = await asyncio.start_server(plane.handle, host, port)
     runner = None
     if control_port is not None:
-        runner = web.AppRunner(control_app(service, config, read_timeout), access_log=None)
+        # shutdown_timeout: a request still in a handler (a body that stalls, a load) must not hold the exit for 60 s
+        runner = web.AppRunner(control_app(service, config, read_timeout), access_log=None, shutdown_timeout=LET_GO_S)
         await runner.setup()
         await web.TCPSite(runner, host, control_port).start()
     log.info("Djinn server: data plane %s:%d, control plane %s, auth %s", host, port,

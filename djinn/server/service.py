@@ -82,7 +82,9 @@ def allowed_models(config: ServerConfig) -> set[str]:
 
 
 def same_secret(given: Any, expected: Optional[str]) -> bool:
-    return isinstance(given, str) and expected is not None and hmac.compare_digest(given.encode(), expected.encode())
+    """surrogatepass: JSON may carry a lone surrogate ("\\ud800"), which plain UTF-8 cannot encode."""
+    return isinstance(given, str) and expected is not None and hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
 
 
 @dataclass
