@@ -50,8 +50,8 @@ _UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
 def parse_quantity(text: str) -> int:
     """Bytes of a Kubernetes-style quantity such as ``1.5Mi`` or ``80G``."""
     m = _QUANTITY.match(str(text).strip())
-    if not m:
-        raise ValueError(f"{text!r} is not a quantity like 512Mi or 80Gi")
+    if not m or len(m.group(1)) > 20:  # float() of a longer number can be inf: no quantity is that large
+        raise ValueError(f"{str(text)[:40]!r} is not a quantity like 512Mi or 80Gi")
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
@@ -288,8 +288,8 @@ class ExperimentSpec(_Model):
     djinn_sweep_cap: Optional[int] = Field(
         None, ge=1, le=MAX_AGENTS, description="djinn_agents: after agentCounts, keep doubling N up to this cap and stop at the "
                                 "first failure, so Djinn's limit is measured; unset: agentCounts only")
-    gpu_per_actor: float = Field(0.01, gt=0, le=1, description="Ray keep-alive: logical GPU per actor")
-    gpu_per_task: float = Field(1.0, gt=0, le=1, description="Ray serverless: logical GPU per step task "
+    gpu_per_actor: float = Field(0.01, ge=0.0001, le=1, description="Ray keep-alive: logical GPU per actor")
+    gpu_per_task: float = Field(1.0, ge=0.0001, le=1, description="Ray serverless: logical GPU per step task "
                                                               "(1: each cold function gets the GPU to itself)")
     emulated_device_memory: Optional[str] = Field(
         None, description="Keep-alive device memory cap (e.g. 1Mi) shared by all actors; for CPU runs")

@@ -62,7 +62,8 @@ class LocalStore:
 
 
 class S3Store:
-    def __init__(self, uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None):
+    def __init__(self, uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None,
+                 connect_timeout: float = 60, read_timeout: float = 60, attempts: int = 5):
         import boto3
         from botocore.config import Config
 
@@ -70,7 +71,8 @@ class S3Store:
         self.bucket, _, prefix = uri[len("s3://"):].partition("/")
         self.prefix = prefix.strip("/")
         endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or None
-        config = Config(s3={"addressing_style": "path"} if endpoint_url else {}, retries={"max_attempts": 5})
+        config = Config(s3={"addressing_style": "path"} if endpoint_url else {}, retries={"max_attempts": attempts},
+                        connect_timeout=connect_timeout, read_timeout=read_timeout)
         self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
     def _key(self, key: str) -> str:
@@ -101,10 +103,10 @@ class S3Store:
         return sorted(keys)
 
 
-def open_store(uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None) -> Store:
-    """A store for a local directory or ``s3://bucket/prefix``."""
+def open_store(uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None, **s3: float) -> Store:
+    """A store for a local directory or ``s3://bucket/prefix`` (``s3``: S3Store's timeouts and attempts)."""
     if uri.startswith("s3://"):
-        return S3Store(uri, endpoint_url, region)
+        return S3Store(uri, endpoint_url, region, **s3)
     return LocalStore(uri)
 
 

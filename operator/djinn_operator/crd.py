@@ -3,8 +3,8 @@
     python -m djinn_operator.crd > crds/agentscalingexperiments.djinn.io.yaml
 
 spec comes from djinn.spec.ExperimentSpec, status from status.Status, both turned into
-structural OpenAPI v3: $refs inlined, ``anyOf [X, null]`` -> X with ``nullable: true``,
-``exclusiveMinimum: n`` -> ``minimum: n`` + ``exclusiveMinimum: true``, titles dropped.
+structural OpenAPI v3: $refs inlined, ``anyOf [X, null]`` -> X with ``nullable: true``, titles dropped
+(no field has an exclusive bound: OpenAPI v3's boolean form differs from JSON schema's).
 """
 from __future__ import annotations
 
@@ -36,9 +36,6 @@ def structural(node: dict[str, Any], defs: dict[str, Any], defaults: bool = True
             out["nullable"] = True
         return out
     out = {k: node[k] for k in _KEPT if k in node and (defaults or k != "default")}
-    for bound in ("Minimum", "Maximum"):
-        if f"exclusive{bound}" in node:
-            out[bound.lower()], out[f"exclusive{bound}"] = node[f"exclusive{bound}"], True
     if "properties" in node:
         out["properties"] = {k: structural(v, defs, defaults) for k, v in node["properties"].items()}
     elif isinstance(node.get("additionalProperties"), dict):

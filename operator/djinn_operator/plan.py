@@ -12,10 +12,13 @@ periodically, so a deadline fires although nothing in the cluster changes.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Optional, Union
+
+from pydantic import ValidationError
 
 from djinn.runners import plan as run_plan
 from djinn.spec import DECODE_MODES, KIND, Baseline, ExperimentSpec, SpecError, parse_spec
@@ -138,14 +141,26 @@ def validate(raw: Any) -> ExperimentSpec:
         raise SpecError("spec.device: cuda needs a GPU but cluster.gpu is false; set device: auto (or cpu), "
                         "or cluster.gpu: true")
     for field, address in (("rayAddress", spec.ray_address), ("djinnServer", spec.djinn_server)):
-        host = "" if address is None else address.removeprefix("ray://").rpartition(":")[0].strip("[]")
-        if address == "auto" or host == "localhost" or host.startswith("127.") or host == "::1":
+        if address is not None and _inside_the_pod(address):
             raise SpecError(f"spec.{field}: {address!r} would point inside each Job's pod; give an address the pods "
                             "reach (a Service's DNS name), or leave it unset for the operator to create one")
     if spec.weights == "pretrained" and spec.cluster.pretrained_source is None and not spec.model_id.startswith("/"):
         raise SpecError("spec.weights: pretrained needs the weights in the pods: set cluster.modelClaim (a volume "
                         "holding them) or cluster.hfTokenSecret (download from the hub), or use weights: synthetic")
     return spec
+
+
+def _inside_the_pod(address: str) -> bool:
+    """``auto``, a loopback or an unspecified address: in a Job's pod, the pod itself."""
+    host = address.removeprefix("ray://").rpartition(":")[0].strip("[]").lower().rstrip(".")
+    if address == "auto" or host in ("localhost", "ip6-localhost") or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(int(host) if host.isdigit() else host)  # 2130706433 is 127.0.0.1 too
+    except ValueError:
+        return False
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return ip.is_loopback or ip.is_unspecified
 
 
 def resolve_weights(spec: ExperimentSpec) -> ExperimentSpec:
@@ -210,7 +225,18 @@ def prepare(exp_name: str, namespace: str, raw: Any, status: dict, now: str
 
     A spec edited after planning is refused: condition SpecUpdateRefused, the plan continues.
     """
-    st, h = Status.model_validate(status or {}), spec_hash(raw)
+    h = spec_hash(raw)
+    try:
+        st = Status.model_validate(status or {})
+        edited = _edited(exp_name, st)
+    except ValidationError as exc:
+        edited = f"status.{'.'.join(str(p) for p in exc.errors()[0]['loc'])}: {exc.errors()[0]['msg']}"
+    if edited:  # the status is the operator's only memory: one it did not write cannot be stepped on
+        st = Status(phase="Failed", spec_hash=h)
+        fail(st, "StatusEdited", f"{edited}; the operator's record of this experiment was changed by hand: delete "
+                                 "and re-create the experiment (results written so far stay under its results URI)", now)
+        summarize(st, now)
+        return st, None
     if st.planned_spec is None:
         if st.phase == "Failed" and st.spec_hash == h:
             return st, None
@@ -237,6 +263,33 @@ def prepare(exp_name: str, namespace: str, raw: Any, status: dict, now: str
     else:
         st.conditions = [c for c in st.conditions if c.type != "SpecUpdateRefused"]
     return st, exp
+
+
+def _edited(exp_name: str, st: Status) -> Optional[str]:
+    """What of a planned status the operator cannot have written (its runs and Jobs are named by the plan,
+    its times are times, Succeeded comes after the analysis); None when nothing."""
+    if st.planned_spec is None:
+        return None
+    try:
+        ExperimentSpec.model_validate_json(st.planned_spec)
+    except ValidationError:
+        return "status.plannedSpec: not a spec the operator wrote"
+    if not st.runs:
+        return "status.runs: empty, though planned"
+    for i, r in enumerate(st.runs):
+        if r.baseline not in Baseline.__members__ or r.job != names.run_job(exp_name, r.baseline, r.n):
+            return f"status.runs[{i}]: {r.baseline} n={r.n} as job {r.job!r} is not a run of the plan"
+    if st.analysis is None or st.analysis.job != names.analysis_job(exp_name):
+        return "status.analysis.job: not the plan's analysis Job"
+    for field, stamp in [("waitingSince", st.waiting_since)] + [(f"runs[{i}].startedAt", r.started_at)
+                                                                 for i, r in enumerate(st.runs)]:
+        try:
+            stamp is None or datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        except ValueError:
+            return f"status.{field}: {stamp!r} is not a time"
+    if st.phase == "Succeeded" and (st.analysis.state != "Succeeded" or any(r.state not in DONE for r in st.runs)):
+        return "status.phase: Succeeded before its runs and analysis"
+    return None
 
 
 def job_outcome(job: Optional[dict]) -> tuple[str, str]:
@@ -343,6 +396,13 @@ def _finish_run(exp: Experiment, st: Status, run: Run, obs: Observed, now: str) 
     if outcome in ("Missing", "Running"):
         return False
     swept = run.n is not None and run_plan.stops_at_first_failure(exp.spec, Baseline(run.baseline))
+    if swept and (outcome == "Failed" or obs.result is None or obs.result.error or obs.result.oom):
+        # the sweep's first failure of any kind (its pod killed, no document, one that records it) is its limit
+        run.state = "OOM" if obs.result and obs.result.oom else "Failed"
+        run.reason = None if run.state == "OOM" else "SweepLimit"
+        run.result_key = obs.result.key if obs.result else None
+        _skip_larger(st, run, f"djinnSweepCap: first failure at n={run.n}")
+        return True
     if outcome == "Failed":
         run.state, run.reason = "Failed", reason.split(":")[0]
         said = (obs.result.error if obs.result and obs.result.error else None) or obs.job_message
@@ -353,21 +413,21 @@ def _finish_run(exp: Experiment, st: Status, run: Run, obs: Observed, now: str) 
         run.state, run.reason = "Failed", "ResultMissing"
         fail(st, "ResultMissing", f"{run.label}: job {run.job} succeeded but wrote no valid result "
              f"under {st.results_uri}/results/{run.baseline}/", now)
-    elif obs.result.error and not swept:
+    elif obs.result.error:
         run.state, run.reason, run.result_key = "Failed", "RunError", obs.result.key
         fail(st, "RunFailed", f"{run.label} (job {run.job}) failed: {obs.result.error}", now)
     else:
         run.result_key = obs.result.key
-        run.state = "OOM" if obs.result.oom else "Failed" if obs.result.error else "Succeeded"
-        if obs.result.error:
-            run.reason = "SweepLimit"  # the sweep found Djinn's first failure: what it looks for
-        stop = (f"djinnSweepCap: first failure at n={run.n}" if swept and (obs.result.oom or obs.result.error)
-                else f"stopOnOom: OOM at n={run.n}" if obs.result.oom and exp.spec.stop_on_oom else None)
-        if stop:
-            for r in st.runs:
-                if r.baseline == run.baseline and r.state == "Pending" and (r.n or 0) > (run.n or 0):
-                    r.state, r.reason = "Skipped", stop
+        run.state = "OOM" if obs.result.oom else "Succeeded"
+        if obs.result.oom and exp.spec.stop_on_oom:
+            _skip_larger(st, run, f"stopOnOom: OOM at n={run.n}")
     return True
+
+
+def _skip_larger(st: Status, run: Run, why: str) -> None:
+    for r in st.runs:
+        if r.baseline == run.baseline and r.state == "Pending" and (r.n or 0) > (run.n or 0):
+            r.state, r.reason = "Skipped", why
 
 
 def _advance_runs(exp: Experiment, st: Status, obs: Observed, now: str) -> list[Action]:

@@ -21,7 +21,7 @@ from djinn.spec import KIND, ExperimentSpec, SpecError
 
 from . import k8s, plan, pods, results
 from .manifests import Experiment, server_labels
-from .status import Status, observe_generation
+from .status import Status, condition, observe_generation
 
 log = logging.getLogger(__name__)
 RETRIED = (408, 409, 429)  # client-side statuses that are not a refusal: timeout, conflict, throttling
@@ -50,6 +50,8 @@ def _peer(obj: dict) -> Optional[tuple[Experiment, Status]]:
                 else plan.validate(obj.get("spec") or {}))
     except (SpecError, ValueError):
         return None
+    if not plan.started(st) and (c := condition(st, "ResultStoreUnreachable")) is not None and c.status == "True":
+        return None  # it waits for its store, not for the GPU: not in line until the store answers
     return Experiment(meta["name"], meta["namespace"], spec), st
 
 

@@ -16,6 +16,9 @@ from .status import Run
 
 STORE_ERRORS = (BotoCoreError, ClientError)
 RETRYABLE_STATUS = (408, 429)  # with 5xx: S3 busy or throttling, worth waiting for
+# the operator's reads hold a reconcile (and a thread of the loop's pool): a store that does not answer must
+# cost seconds, not boto3's 60 s x 5 attempts; the next reconcile tries again
+QUICK = {"connect_timeout": 5, "read_timeout": 10, "attempts": 2}
 
 STAMP = "%Y%m%dT%H%M%S%fZ"  # djinn.results.timestamp(): 22 characters, then "-<hex>"
 CLOCK_SLACK = timedelta(seconds=60)
@@ -36,7 +39,7 @@ def pick_key(keys: list[str], run: Run) -> Optional[str]:
 
 def find(results_uri: str, output: OutputSpec, run: Run) -> Optional[Result]:
     """Blocking (boto3): call it in a thread. None when the run left no valid document."""
-    store = open_store(results_uri, output.endpoint_url, output.region)
+    store = open_store(results_uri, output.endpoint_url, output.region, **QUICK)
     key = pick_key(store.list(f"results/{run.baseline}/"), run)
     if key is None:
         return None
@@ -44,12 +47,14 @@ def find(results_uri: str, output: OutputSpec, run: Run) -> Optional[Result]:
         doc = ResultDocument.model_validate_json(store.get_bytes(key))
     except ValidationError:
         return None
+    if doc.baseline != run.baseline or doc.n_agents != run.n:  # another run's document under this run's name
+        return None
     return Result(key=key, oom=doc.oom, error=None if doc.oom else doc.error)
 
 
 def probe(results_uri: str, output: OutputSpec) -> None:
     """Blocking: list one key under the results URI, raising what S3 answers (no bucket, access denied...)."""
-    open_store(results_uri, output.endpoint_url, output.region).list("", limit=1)
+    open_store(results_uri, output.endpoint_url, output.region, **QUICK).list("", limit=1)
 
 
 def store_problem(exc: Exception) -> StoreProblem:

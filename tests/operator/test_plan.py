@@ -140,6 +140,18 @@ def test_djinn_sweep_runs_doubled_n_and_stops_at_its_first_failure_without_faili
     assert sim.run()["phase"] == "Failed"
 
 
+@pytest.mark.parametrize("outcome", ["fail", "missing"])  # its pod killed (OOM, deadline), or no document
+def test_a_swept_n_that_fails_any_other_way_is_the_sweeps_limit_too(outcome):
+    sim = Sim(spec(baselines=["djinn_agents"], agentCounts=[1], djinnSweepCap=8),
+              outcomes={"exp1-djinn-agents-n2": outcome})
+    status = sim.run()
+    states = {r["job"]: (r["state"], r.get("reason")) for r in status["runs"]}
+    assert status["phase"] == "Succeeded" and sim.jobs()[-1] == "exp1-analysis"
+    assert states["exp1-djinn-agents-n2"] == ("Failed", "SweepLimit")
+    assert states["exp1-djinn-agents-n4"] == states["exp1-djinn-agents-n8"] == \
+        ("Skipped", "djinnSweepCap: first failure at n=2")
+
+
 def test_separate_placement_starts_both_holders_up_front():
     sim = Sim(spec(baselines=["ray_serverless", "djinn_agents"], agentCounts=[1],
                    cluster={"gpuPlacement": "separate"}))
@@ -204,6 +216,10 @@ def test_running_run_whose_job_is_missing_gets_it_created_under_the_same_name():
     ({"rayAddress": "auto"}, "spec.rayAddress: 'auto' would point inside each Job's pod"),
     ({"rayAddress": "ray://127.0.0.1:10001"}, "spec.rayAddress: 'ray://127.0.0.1:10001' would point inside"),
     ({"djinnServer": "localhost:5556"}, "spec.djinnServer: 'localhost:5556' would point inside each Job's pod"),
+    ({"djinnServer": "0.0.0.0:5556"}, "spec.djinnServer: '0.0.0.0:5556' would point inside"),
+    ({"djinnServer": "[::ffff:127.0.0.1]:5556"}, "spec.djinnServer: '[::ffff:127.0.0.1]:5556' would point inside"),
+    ({"djinnServer": "2130706433:5556"}, "spec.djinnServer: '2130706433:5556' would point inside"),
+    ({"rayAddress": "ray://LOCALHOST.:10001"}, "spec.rayAddress: 'ray://LOCALHOST.:10001' would point inside"),
     ({"agentCounts": list(range(1, 66))}, "spec.agentCounts: at most 64 items, got 65; give fewer"),
     ({"prompt": "x" * 100_000}, "spec: 100790 bytes as JSON, over the 98304 every Job takes it in (one command-line"),
 ])
@@ -448,3 +464,27 @@ def test_a_spec_fixed_to_another_invalid_one_tells_the_new_message():
     assert [(e.type, e.reason, e.message) for e in plan.events(old, new)] == [
         ("Warning", "InvalidSpec", "spec.agentCounts: agent counts must be between 1 and 4096, got 5000")]
     assert plan.events(new, new) == []
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda st: st.update(plannedSpec="garbage"), "status.plannedSpec: "),
+    (lambda st: st["runs"][1].update(baseline="warp_drive"), "status.runs[1]: warp_drive n=2 as job"),
+    (lambda st: st["runs"][0].update(job="ghost-job"), "status.runs[0]: native_pytorch n=1 as job 'ghost-job' is not"),
+    (lambda st: st["analysis"].update(job="ghost-analysis"), "status.analysis.job: not the plan's analysis Job"),
+    (lambda st: st["runs"][0].update(startedAt="yesterday"), "status.runs[0].startedAt: 'yesterday' is not a time"),
+    (lambda st: st.update(waitingSince="not-a-time"), "status.waitingSince: 'not-a-time' is not a time"),
+    (lambda st: st.update(runs=[]), "status.runs: empty, though planned"),
+    (lambda st: st.update(phase="Succeeded"), "status.phase: Succeeded before its runs and analysis"),
+    (lambda st: st.update(runs="x"), "status.runs: "),
+])
+def test_a_status_edited_by_hand_fails_once_with_what_was_edited(edit, problem):
+    sim = Sim(spec(baselines=["native_pytorch"], agentCounts=[1, 2]), outcomes={"exp1-native-pytorch-n1": "hold"})
+    sim.reconcile()
+    edit(sim.status)
+    assert sim.reconcile() == []  # nothing created from a record the operator did not write
+    failed = next(c for c in sim.status["conditions"] if c["type"] == "Failed")
+    assert sim.status["phase"] == "Failed" and failed["reason"] == "StatusEdited"
+    assert failed["message"].startswith(problem) and "delete and re-create the experiment" in failed["message"]
+    before = dict(sim.status)
+    sim.reconcile()
+    assert sim.status == before  # settled: no loop
