@@ -637,3 +637,42 @@ def test_after_the_grace_a_connection_that_ignores_its_cancel_is_cut_off(monkeyp
             listener.close()
 
     assert asyncio.run(scenario()) == (True, 0)
+
+
+@pytest.mark.parametrize("flag", ["--session-ttl", "--orphan-ttl", "--idle-timeout"])
+def test_time_flags_must_be_positive(flag):
+    from djinn.server.server_main import build_parser, config_from_args
+
+    with pytest.raises(SystemExit, match=f"^{flag}: must be > 0 seconds$"):
+        config_from_args(build_parser().parse_args(["--device", "cpu", flag, "0"]))
+
+
+def test_a_session_at_work_does_not_expire_and_an_open_whose_client_left_leaves_no_session():
+    """--session-ttl counts from the end of a session's last request, never while one runs; an open_session
+    cancelled by its client's departure still lands in the engine, and is closed there."""
+    import asyncio
+
+    from djinn.server.service import DjinnService
+
+    async def scenario():
+        service = DjinnService(ServerConfig(device="cpu", weights="synthetic", session_ttl_s=0.3, max_seq_len=1024))
+        engine = (await service.load(TINY_LLAMA)).engine
+        try:
+            sid, key = await service.open_session(None, None, "full_djinn")
+            work = asyncio.ensure_future(service.generate(None, sid, key, PROMPT, 600))  # longer than the TTL
+            expired = 0
+            while not work.done():
+                expired += await service.expire_sessions()
+                await asyncio.sleep(0.05)
+            expired += await service.expire_sessions()  # just finished: not idle yet
+            survived = (await work).kv_processed_len, expired, sid in service.sessions
+            left = asyncio.ensure_future(service.open_session(None, None, "full_djinn"))
+            await asyncio.sleep(0)  # it reached the engine call
+            left.cancel()
+            for _ in range(2):  # the engine runs its inbox in order: the open, then the close it queued
+                await asyncio.wrap_future(engine.call(lambda: None))
+            return survived, len(engine.sessions), len(service.sessions)
+        finally:
+            engine.shutdown()
+
+    assert asyncio.run(scenario()) == ((len(PROMPT) + 599, 0, True), 1, 1)

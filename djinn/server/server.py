@@ -409,7 +409,7 @@ async def serve(config: ServerConfig, ready: Optional[asyncio.Event] = None,
 
     async def reaper():
         while True:
-            await asyncio.sleep(min(5.0, config.orphan_ttl_s / 2, config.session_ttl_s / 2))
+            await asyncio.sleep(max(0.05, min(5.0, config.orphan_ttl_s / 2, config.session_ttl_s / 2)))
             await service.expire_sessions()
 
     reap = asyncio.create_task(reaper())

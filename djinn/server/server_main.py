@@ -108,7 +108,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if not is_loopback(args.host) and token is None and not args.insecure:
         raise SystemExit(f"--host {args.host}: not loopback; set --auth-token (or {TOKEN_ENV}) so only your "
                          "clients are served, or pass --insecure on a network you trust")
-    for name in ("shutdown_grace", "read_timeout", "idle_timeout"):
+    for name in ("shutdown_grace", "read_timeout", "idle_timeout", "session_ttl", "orphan_ttl"):
         if not getattr(args, name) > 0:
             raise SystemExit(f"--{name.replace('_', '-')}: must be > 0 seconds")
     if args.max_frame_mb is not None and not args.max_frame_mb > 0:

@@ -95,6 +95,7 @@ class SessionInfo:
     key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     last_active: float = field(default_factory=time.monotonic)
     orphaned_at: Optional[float] = None
+    in_flight: int = 0  # requests on it now: a session at work is not idle, however long its request takes
 
 
 @dataclass
@@ -221,7 +222,13 @@ class DjinnService:
         try:
             entry = (await self.load(model_id, weights) if model_id is not None
                      else self._as_loaded(self._model(None), weights, None))
-            s = await asyncio.wrap_future(entry.engine.open_session(mode))
+            opening = entry.engine.open_session(mode)
+            try:
+                s = await asyncio.shield(asyncio.wrap_future(opening))
+            except asyncio.CancelledError:  # its client left: the session still opens, so close it then
+                opening.add_done_callback(lambda f: f.cancelled() or f.exception() or
+                                          entry.engine.close_session(f.result().id))
+                raise
         finally:
             self._opening -= 1
         info = self.sessions[s.id] = SessionInfo(entry.loaded.model_id, mode, conn)
@@ -251,6 +258,8 @@ class DjinnService:
     async def expire_sessions(self) -> int:
         now, n = time.monotonic(), 0
         for sid, info in list(self.sessions.items()):
+            if info.in_flight:
+                continue
             idle = now - info.last_active
             if idle > self.config.session_ttl_s or (info.orphaned_at and now - info.orphaned_at > self.config.orphan_ttl_s):
                 self.sessions.pop(sid, None)
@@ -286,10 +295,14 @@ class DjinnService:
         if max_new_tokens < 0:
             raise RequestError("bad_request", "max_new_tokens: must be >= 0")
         self._check_tokens(entry, tokens)
+        info.in_flight += 1
         try:
             return await asyncio.wrap_future(entry.engine.generate(sid, tokens, max_new_tokens))
         except EngineError as exc:
             raise _refusal(exc) from None
+        finally:
+            info.in_flight -= 1
+            info.last_active = time.monotonic()  # idle from the end of its last request, not the start
 
     async def forward(self, model_id: Optional[str], tokens: list[int], past_kv=None, return_kv: bool = False):
         entry = self._model(model_id)
