@@ -39,6 +39,19 @@ def test_concurrent_sessions_are_batched_and_exact(engine, tiny_llama):
     assert snap["decode_batch_tokens"] > snap["decode_steps"]  # steps carried several sessions at once
 
 
+def test_a_park_asked_while_a_request_runs_happens_when_it_ends(engine, tiny_llama):
+    """The server parks a dropped client's sessions; one whose request was still running parks at its end
+    (it used to stay resident), and its owner coming back finds it exact."""
+    s = engine.open_session().result()
+    running = engine.generate(s.id, PROMPTS[0], 60)
+    assert engine.park_session(s.id).result() is False  # busy: not yet
+    first = running.result()
+    engine.call(lambda: None).result()  # the park was started on the engine thread, after the request
+    assert not engine.sessions[s.id].resident and engine.snapshot()["parked_sessions"] == 1
+    more = engine.generate(s.id, [5, 6, 7], 10).result()
+    assert more.tokens == hf_greedy(tiny_llama.model, PROMPTS[0] + first.tokens + [5, 6, 7], 10)
+
+
 def small_cache(lm, blocks: int, **kw) -> Engine:
     """An engine whose KV cache holds ``blocks`` blocks of 16 tokens (one more is the scratch block)."""
     shape = PagedTransformer(lm.model).shape

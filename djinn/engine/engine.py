@@ -191,11 +191,20 @@ class Engine:
         s = self.sessions.get(session_id)
         if s is None:
             raise SessionGone(f"session {session_id} not found")
+        s.park_when_idle = s.busy  # a request runs on it: it parks when that request ends
         if not s.busy:
-            plan = Plan()
-            self.sched.park(s, plan)
-            self._start(plan)
+            self._park(s)
         return not s.resident
+
+    def _park(self, s: Session) -> None:
+        plan = Plan()
+        self.sched.park(s, plan)
+        self._start(plan)
+
+    def _park_if_asked(self, s: Session) -> None:
+        if s.park_when_idle and not s.busy:
+            s.park_when_idle = False
+            self._park(s)
 
     def _new_generate(self, session_id, new_tokens, max_new_tokens, fut) -> Optional[Request]:
         s = self.sessions.get(session_id)
@@ -223,7 +232,7 @@ class Engine:
             self.stats["reused_sessions"] += 1
             log.info("Reusing session %s (kv_processed_len=%d, new tokens=%d)", s.id, s.kv_len, len(new_tokens))
         self.sched.arrived(s, time.monotonic())
-        s.busy = True
+        s.busy, s.park_when_idle = True, False  # its owner is back
         base = len(s.history)
         s.history.extend(new_tokens)
         if s.kv_len == len(s.history) and max_new_tokens > 0:
@@ -250,6 +259,7 @@ class Engine:
         del s.history[r.base_len:]
         s.kv_len = min(s.kv_len, r.base_len)
         self._release(r)
+        self._park_if_asked(s)
         if exc is not None:
             _settle(r.future, exc=exc)
 
@@ -350,6 +360,7 @@ class Engine:
             if r.return_kv:
                 res.kv = self.cache.read(s.blocks, s.kv_len)
         self._release(r)
+        self._park_if_asked(s)
         self.stats["requests"] += 1
         _settle(r.future, res)
 

@@ -59,6 +59,7 @@ class Session:
     host_blocks: Optional[list[int]] = None               # parked: the host blocks holding its KV
     moving: Any = None                 # a copy in flight (park or restore): ``.done()`` says when it landed
     busy: bool = False
+    park_when_idle: bool = False       # asked to park (its client left) while a request ran on it
     last_used: float = field(default_factory=time.monotonic)
     gap: Optional[float] = None        # its usual idle time between requests (an agent's Act), measured
     temporary: bool = False            # a stateless forward's session, gone after its request
