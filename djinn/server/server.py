@@ -20,7 +20,7 @@ from aiohttp import web
 from djinn.server import protocol
 from djinn.server.config import ServerConfig
 from djinn.server.limits import CONTROL_MAX_BODY
-from djinn.server.service import DjinnService, RequestError, same_secret
+from djinn.server.service import SHUTTING_DOWN, DjinnService, RequestError, same_secret
 
 log = logging.getLogger("djinn.server")
 DISCONNECT_POLL_S = 0.2  # how often the requests in flight are checked for a client that left
@@ -67,9 +67,6 @@ def _tokens(header: dict, tensors: dict, key: str = "tokens") -> list[int]:
 def _request_id(h: dict) -> Any:
     rid = h.get("id")
     return rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
-
-
-SHUTTING_DOWN = "the server is shutting down; retry on another server or later"
 
 
 @dataclass

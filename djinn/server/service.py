@@ -27,6 +27,7 @@ from djinn.server.limits import MIN_FRAME, kv_frame_bytes
 
 log = logging.getLogger("djinn.server")
 GiB = 1 << 30
+SHUTTING_DOWN = "the server is shutting down; retry on another server or later"
 
 
 class RequestError(Exception):
@@ -280,7 +281,7 @@ class DjinnService:
 
     def admit(self) -> None:
         if self.draining:
-            raise RequestError("shutting_down", "the server is shutting down; retry on another server or later")
+            raise RequestError("shutting_down", SHUTTING_DOWN)
         if self.active >= self.config.max_concurrent:
             self.counters["requests_refused_total"] += 1
             raise RequestError("concurrency_limit", f"Concurrency limit exceeded: {self.active} active requests "

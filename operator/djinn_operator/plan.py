@@ -227,17 +227,14 @@ def prepare(exp_name: str, namespace: str, raw: Any, status: dict, now: str
     """
     h = spec_hash(raw)
     try:
-        st = Status.model_validate(status or {})
-        edited = _edited(exp_name, st)
-    except ValidationError as exc:
-        edited = f"status.{'.'.join(str(p) for p in exc.errors()[0]['loc'])}: {exc.errors()[0]['msg']}"
-    if edited:  # the status is the operator's only memory: one it did not write cannot be stepped on
+        st, planned = _read(exp_name, status)
+    except StatusEdited as exc:  # the status is the operator's only memory: one it did not write is not stepped on
         st = Status(phase="Failed", spec_hash=h)
-        fail(st, "StatusEdited", f"{edited}; the operator's record of this experiment was changed by hand: delete "
+        fail(st, "StatusEdited", f"{exc}; the operator's record of this experiment was changed by hand: delete "
                                  "and re-create the experiment (results written so far stay under its results URI)", now)
         summarize(st, now)
         return st, None
-    if st.planned_spec is None:
+    if planned is None:
         if st.phase == "Failed" and st.spec_hash == h:
             return st, None
         try:
@@ -255,7 +252,7 @@ def prepare(exp_name: str, namespace: str, raw: Any, status: dict, now: str
                     children=Children(server=exp.server_name, ray=exp.ray_name))
         set_condition(st, "Valid", "True", "SpecValid", "", now)
         return st, exp
-    exp = Experiment(exp_name, namespace, ExperimentSpec.model_validate_json(st.planned_spec))
+    exp = Experiment(exp_name, namespace, planned)
     if h != st.spec_hash:
         set_condition(st, "SpecUpdateRefused", "True", "PlanInProgress" if st.phase not in FINISHED else "Finished",
                       f"spec changed after planning; the {KIND} keeps its planned spec (status.plannedSpec); "
@@ -265,31 +262,46 @@ def prepare(exp_name: str, namespace: str, raw: Any, status: dict, now: str
     return st, exp
 
 
-def _edited(exp_name: str, st: Status) -> Optional[str]:
-    """What of a planned status the operator cannot have written (its runs and Jobs are named by the plan,
-    its times are times, Succeeded comes after the analysis); None when nothing."""
+class StatusEdited(ValueError):
+    """A status the operator cannot have written; the message names the field."""
+
+
+def _read(exp_name: str, status: dict) -> tuple[Status, Optional[ExperimentSpec]]:
+    """The stored status and its planned spec; StatusEdited when they are not what the operator writes."""
+    try:
+        st = Status.model_validate(status or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise StatusEdited(f"status.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+    return st, _planned(exp_name, st)
+
+
+def _planned(exp_name: str, st: Status) -> Optional[ExperimentSpec]:
+    """The planned spec of ``st`` (None before planning), once the rest of the status is one the operator
+    can have written: its runs and Jobs named by the plan, its times times, Succeeded after the analysis."""
     if st.planned_spec is None:
         return None
     try:
-        ExperimentSpec.model_validate_json(st.planned_spec)
+        spec = ExperimentSpec.model_validate_json(st.planned_spec)
     except ValidationError:
-        return "status.plannedSpec: not a spec the operator wrote"
+        raise StatusEdited("status.plannedSpec: not a spec the operator wrote") from None
     if not st.runs:
-        return "status.runs: empty, though planned"
+        raise StatusEdited("status.runs: empty, though planned")
     for i, r in enumerate(st.runs):
         if r.baseline not in Baseline.__members__ or r.job != names.run_job(exp_name, r.baseline, r.n):
-            return f"status.runs[{i}]: {r.baseline} n={r.n} as job {r.job!r} is not a run of the plan"
+            raise StatusEdited(f"status.runs[{i}]: {r.baseline} n={r.n} as job {r.job!r} is not a run of the plan")
     if st.analysis is None or st.analysis.job != names.analysis_job(exp_name):
-        return "status.analysis.job: not the plan's analysis Job"
+        raise StatusEdited("status.analysis.job: not the plan's analysis Job")
     for field, stamp in [("waitingSince", st.waiting_since)] + [(f"runs[{i}].startedAt", r.started_at)
                                                                  for i, r in enumerate(st.runs)]:
-        try:
-            stamp is None or datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-        except ValueError:
-            return f"status.{field}: {stamp!r} is not a time"
+        if stamp is not None:
+            try:
+                _time(stamp)
+            except ValueError:
+                raise StatusEdited(f"status.{field}: {stamp!r} is not a time") from None
     if st.phase == "Succeeded" and (st.analysis.state != "Succeeded" or any(r.state not in DONE for r in st.runs)):
-        return "status.phase: Succeeded before its runs and analysis"
-    return None
+        raise StatusEdited("status.phase: Succeeded before its runs and analysis")
+    return spec
 
 
 def job_outcome(job: Optional[dict]) -> tuple[str, str]:
@@ -351,9 +363,12 @@ def infra_actions(exp: Experiment, st: Status, obs: Observed) -> list[Action]:
     return release + create
 
 
+def _time(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
 def _age_s(stamp: str, now: str) -> float:
-    parse = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00"))  # noqa: E731
-    return (parse(now) - parse(stamp)).total_seconds()
+    return (_time(now) - _time(stamp)).total_seconds()
 
 
 def _waited(st: Status, now: str) -> float:
