@@ -163,7 +163,8 @@ def run(args: argparse.Namespace) -> dict:
     cache = engine.cache
     report["engine"] = {"cuda_graphs": engine.runner.graphed, "triton_attention": engine.net.use_triton,
                         "kv_blocks": cache.n_blocks, "kv_block_tokens": cache.block_size, "max_seq_len": engine.max_seq,
-                        "host_kv_blocks": cache.host_capacity, "host_kv_pinned_blocks": cache.host_blocks, "kv_cache_gb": cache.nbytes / 1e9}
+                        "host_kv_blocks": cache.host_capacity, "host_kv_pinned_blocks": cache.host_blocks, "kv_cache_gb": cache.nbytes / 1e9,
+                        "one_row_projections": engine.runner.one_row}
 
     s = engine.open_session().result()
 

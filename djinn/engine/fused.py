@@ -6,7 +6,9 @@ reading the weights, and in a 2,000-token prefill their passes over fp32 copies 
 call (measured on an H200: 60.5 ms for 28 rows of 72 tokens, 37.5 ms of it GEMMs). Here each layer is:
 residual-add + RMSNorm (1 kernel), one q|k|v GEMM, rotary + KV-cache write (1), attention, o GEMM,
 add + RMSNorm (1), one gate|up GEMM, SiLU-multiply (1), down GEMM. Every rounding step matches HF's
-half-precision order, so the logits equal the HF modules' up to the order of one reduction.
+half-precision order, so the logits equal the HF modules' up to the order of one reduction. A step of
+one token may read its weights with a Triton GEMV instead of cuBLAS, per shape, where measured faster
+(:mod:`djinn.engine.gemv`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch.nn.attention import sdpa_kernel
 
 from djinn.engine.attention import (SDPA_BACKENDS, triton, triton_paged_decode_attention,
                                     triton_paged_prefill_attention)
+from djinn.engine.gemv import OneRowLinear
 
 if triton is not None:
     import triton.language as tl
@@ -145,6 +148,13 @@ class FusedLlama:
         self.w_qkv = [_concat_weights(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj)
                       for l in self.layers]
         self.w_gate_up = [_concat_weights(l.mlp.gate_proj, l.mlp.up_proj) for l in self.layers]
+        self.linear = OneRowLinear()
+
+    def tune_one_row(self) -> dict[str, dict]:
+        """Pick cuBLAS or the GEMV for each weight shape of a one-token step, by timing both (CUDA)."""
+        weights = self.w_qkv + self.w_gate_up + [self.lm_head.weight]
+        weights += [l.self_attn.o_proj.weight for l in self.layers] + [l.mlp.down_proj.weight for l in self.layers]
+        return self.linear.tune(weights)
 
     @staticmethod
     def supported(net) -> bool:
@@ -154,7 +164,7 @@ class FusedLlama:
         layer = net.body.layers[0]
         attn, mlp = layer.self_attn, getattr(layer, "mlp", None)
         linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")] + [net.model.lm_head]
         return (all(m is not None and m.bias is None for m in linears)
                 and getattr(net.model.config, "hidden_act", None) == "silu"
                 and hasattr(layer.input_layernorm, "variance_epsilon"))
@@ -168,7 +178,7 @@ class FusedLlama:
         residual = self.embed(tokens)
         h = _add_rmsnorm(residual, None, self.layers[0].input_layernorm.weight, self.eps[0][0])
         for li, layer in enumerate(self.layers):
-            qkv = F.linear(h, self.w_qkv[li])
+            qkv = self.linear(h, self.w_qkv[li])
             q, k, v = qkv.split([H * D, KVH * D, KVH * D], dim=1)
             q_rot = torch.empty(N, H, D, dtype=q.dtype, device=q.device)
             k_rot = torch.empty(N, KVH, D, dtype=q.dtype, device=q.device) if keep_k else q_rot
@@ -178,11 +188,11 @@ class FusedLlama:
                                                      kc.stride(0), kc.stride(1), kc.stride(2), tables.stride(0),
                                                      H=H, KVH=KVH, D=D, BS=kc.shape[2], HB=hb, WRITE_K=keep_k)
             o = attend(li, q_rot, k_rot if keep_k else None, v)
-            h = _add_rmsnorm(residual, F.linear(o, layer.self_attn.o_proj.weight),
+            h = _add_rmsnorm(residual, self.linear(o, layer.self_attn.o_proj.weight),
                              layer.post_attention_layernorm.weight, self.eps[li][1])
-            m = _silu_mul(F.linear(h, self.w_gate_up[li]))
+            m = _silu_mul(self.linear(h, self.w_gate_up[li]))
             nxt = self.layers[li + 1].input_layernorm if li + 1 < len(self.layers) else self.norm
-            h = _add_rmsnorm(residual, F.linear(m, layer.mlp.down_proj.weight), nxt.weight, nxt.variance_epsilon)
+            h = _add_rmsnorm(residual, self.linear(m, layer.mlp.down_proj.weight), nxt.weight, nxt.variance_epsilon)
         return h
 
     def decode(self, kv, tables, rows, tokens, positions):
@@ -192,7 +202,7 @@ class FusedLlama:
         def attend(li, q, _k, _v):
             return triton_paged_decode_attention(q, kv[:, li, 0], kv[:, li, 1], tables, rows, lengths, self.net.scale,
                                                  splits=splits)
-        return self.lm_head(self._forward(kv, tables, rows, tokens, positions, attend))
+        return self.linear(self._forward(kv, tables, rows, tokens, positions, attend), self.lm_head.weight)
 
     def prefill(self, kv, tables, rows, tokens, starts, lens, prefix: bool):
         """Row b's ``lens[b]`` tokens of ``tokens`` [B, T] at positions ``starts[b]..``: last-position logits.

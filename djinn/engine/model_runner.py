@@ -37,6 +37,7 @@ class ModelRunner:
     def __init__(self, net: PagedTransformer, cache: PagedKVCache, max_batch: int, cuda_graphs: bool = True):
         self.net, self.cache = net, cache
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.one_row: dict[str, dict] = {}  # per weight shape: cuBLAS or the GEMV for one-token steps, as timed
         triton = net.enable_triton(cache.kv)  # also on the CPU under TRITON_INTERPRET=1 (tests)
         self.graphed = bool(cuda_graphs and cache.cuda and triton)
         if self.graphed:
@@ -44,6 +45,9 @@ class ModelRunner:
             n = self.sizes[-1]
             self.inputs = torch.zeros(3, n, dtype=torch.int64, device=cache.device)  # rows, tokens, positions
             self.staging = torch.zeros(3, n, dtype=torch.int64, pin_memory=True)
+            if net.fused is not None:
+                self.one_row = net.fused.tune_one_row()
+                log.info("one-token projections: %s", self.one_row)
             self._capture()
             self._warm_prefill()
 
