@@ -676,3 +676,29 @@ def test_a_session_at_work_does_not_expire_and_an_open_whose_client_left_leaves_
             engine.shutdown()
 
     assert asyncio.run(scenario()) == ((len(PROMPT) + 599, 0, True), 1, 1)
+
+
+def test_a_client_that_never_reads_its_replies_loses_the_connection_not_the_server(server):
+    """Replies (logits, 128 KiB each) pile up unread: after --read-timeout (1 s) the server drops that
+    connection; its handler does not wait on the client for good, and others are served meanwhile."""
+    host, port = server.address.split(":")
+    hello = frame(json.dumps({"op": "hello", "token": TOKEN}).encode())
+    forward = frame(json.dumps({"op": "forward", "tokens": [1, 2]}).encode())
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fixed and small: no autotuning
+        s.connect((host, int(port)))
+        s.settimeout(10)
+        s.sendall(hello + forward * 200)  # ~25 MiB of replies; the server reads on only while it can write
+        deadline = time.time() + 10
+        while "did not take its reply within 1 s" not in server.log.read_text() and time.time() < deadline:
+            with client(server) as c:
+                assert c.request("hello").header["ok"]
+            time.sleep(0.2)
+        assert "did not take its reply within 1 s" in server.log.read_text()
+        received = b""
+        try:  # what was in flight, then the end of the connection (EOF or reset), not a wait for more
+            while chunk := s.recv(1 << 20):
+                received += chunk
+        except ConnectionResetError:
+            pass
+    assert len(received) < 200 * 128 * 1024  # cut off, not all 200 replies

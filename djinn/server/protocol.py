@@ -163,14 +163,14 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_
     """The next payload, or None at a clean end of stream. ``idle_timeout`` bounds the wait for a frame
     to start, ``read_timeout`` the time the whole frame takes once started (a stalled sender holds nothing)."""
     try:
-        first = await _within(reader.readexactly(1), idle_timeout)
+        first = await within(reader.readexactly(1), idle_timeout)
     except asyncio.IncompleteReadError:
         return None
     except asyncio.TimeoutError:
         raise ProtocolError(f"idle for {idle_timeout:g} s with no request; reconnect when needed") from None
     deadline = None if read_timeout is None else asyncio.get_running_loop().time() + read_timeout
     try:
-        prefix = first + await _within(reader.readexactly(_PREFIX.size - 1), _left(deadline))
+        prefix = first + await within(reader.readexactly(_PREFIX.size - 1), _left(deadline))
     except asyncio.IncompleteReadError:
         raise ProtocolError("connection closed inside a frame prefix") from None
     except asyncio.TimeoutError:
@@ -183,7 +183,7 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_
     if length > max_frame:
         raise ProtocolError(f"frame of {length} bytes exceeds the {max_frame}-byte limit")
     try:
-        return await _within(reader.readexactly(length), _left(deadline))
+        return await within(reader.readexactly(length), _left(deadline))
     except asyncio.IncompleteReadError:
         raise ProtocolError("connection closed inside a frame") from None
     except asyncio.TimeoutError:
@@ -194,10 +194,10 @@ def _left(deadline: Optional[float]) -> Optional[float]:
     return None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
 
 
-async def _within(read: Any, timeout: Optional[float]) -> bytes:
-    """``read`` bounded by ``timeout``. Not asyncio.wait_for: before Python 3.12 it can return the data
-    and drop a cancel that raced with it, which left a stopping server serving a busy client."""
-    task = asyncio.ensure_future(read)
+async def within(step: Any, timeout: Optional[float]) -> Any:
+    """``step`` (a read, a drain) bounded by ``timeout``. Not asyncio.wait_for: before Python 3.12 it can
+    return the data and drop a cancel that raced with it, which left a stopping server serving a busy client."""
+    task = asyncio.ensure_future(step)
     try:
         done, _ = await asyncio.wait({task}, timeout=timeout)
     except asyncio.CancelledError:

@@ -87,9 +87,16 @@ class DataPlane:
         self._watcher: Optional[asyncio.Task] = None
 
     async def _send(self, writer: asyncio.StreamWriter, reply: bytes) -> None:
+        """Write ``reply``; a client that does not take it within --read-timeout (it sends and never reads)
+        loses the connection instead of holding its handler and the buffered replies for good."""
         self.service.counters["bytes_out_total"] += len(reply)
         writer.write(reply)
-        await writer.drain()
+        try:
+            await protocol.within(writer.drain(), self.read_timeout)
+        except asyncio.TimeoutError:
+            log.warning("a client did not take its reply within %g s; closing its connection", self.read_timeout)
+            writer.transport.abort()
+            raise ConnectionError("reply not taken") from None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(self.service.new_connection(), authenticated=self.config.auth_token is None)

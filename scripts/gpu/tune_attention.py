@@ -10,6 +10,7 @@ the KV bytes read per second, best first, and writes every point to --out.
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 
@@ -33,9 +34,15 @@ def tables_for(rows: int, per_row: int, blocks: int) -> torch.Tensor:
     return torch.randperm(blocks, device="cuda")[:rows * per_row].view(rows, per_row).int()
 
 
+def defaults(fn) -> dict:
+    """The launch settings ``fn`` uses when not given: what the engine runs."""
+    return {k: v.default for k, v in inspect.signature(fn).parameters.items() if v.default is not inspect.Parameter.empty}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--decode-only", action="store_true", help="skip the prefill kernel's sweep")
     args = p.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     points = []
@@ -59,7 +66,7 @@ def main() -> None:
             points.append({"kernel": "decode", "batch": batch, "length": length, "tile": tile, "warps": warps,
                            "stages": stages, "splits": splits, "default_splits": default, "us": us,
                            "gbps": nbytes / us / 1e3})
-    for rows_n, width, start in ((113, 18, 122), (28, 72, 0), (4, 512, 0)):
+    for rows_n, width, start in () if args.decode_only else ((113, 18, 122), (28, 72, 0), (4, 512, 0)):
         per_row = -(-(start + width) // BS) + 1
         kv, kc, vc = cache(rows_n * per_row + 8)
         tables = tables_for(rows_n, per_row, kv.shape[0])
@@ -92,10 +99,12 @@ def main() -> None:
         for x in group[:4]:
             print("   ", {k: (round(v, 1) if isinstance(v, float) else v) for k, v in x.items()
                          if k not in ("kernel", "batch", "length", "rows", "width", "start")})
-        cur = [x for x in group if x.get("tile") == 64 and x.get("warps") == 4 and x.get("stages") == 3
-               and x.get("splits") == x.get("default_splits")] + \
-              [x for x in group if x.get("block_m") == 16 and x.get("block_n") == 64 and x.get("warps") == 4
-               and x.get("stages") == 2]
+        dec = defaults(triton_paged_decode_attention)
+        pre = defaults(triton_paged_prefill_attention)
+        cur = [x for x in group if x.get("tile") == dec["tile"] and x.get("warps") == dec["warps"]
+               and x.get("stages") == dec["stages"] and x.get("splits") == x.get("default_splits")] + \
+              [x for x in group if x.get("block_m") == (pre["block_m"] or (64 if x["width"] >= 256 else 32))
+               and x.get("block_n") == pre["block_n"] and x.get("warps") == pre["warps"] and x.get("stages") == pre["stages"]]
         if cur:
             print("    current:", round(cur[0]["us"], 1), "us")
 
