@@ -702,3 +702,12 @@ def test_a_client_that_never_reads_its_replies_loses_the_connection_not_the_serv
         except ConnectionResetError:
             pass
     assert len(received) < 200 * 128 * 1024  # cut off, not all 200 replies
+
+
+def test_an_http_connection_stalled_inside_its_headers_is_closed_after_the_read_timeout(server):
+    with socket.create_connection(("127.0.0.1", server.control_port), timeout=8) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never the blank line that ends the headers
+        t0 = time.time()
+        assert s.recv(1024) == b""  # closed by the server (read timeout 1 s), not held
+        assert time.time() - t0 < 5
+    assert http(server, "GET", "/healthz")[0] == 200

@@ -403,8 +403,11 @@ async def serve(config: ServerConfig, ready: Optional[asyncio.Event] = None,
     data = await asyncio.start_server(plane.handle, host, port)
     runner = None
     if control_port is not None:
-        # shutdown_timeout: a request still in a handler (a body that stalls, a load) must not hold the exit for 60 s
-        runner = web.AppRunner(control_app(service, config, read_timeout), access_log=None, shutdown_timeout=LET_GO_S)
+        # shutdown_timeout: a request still in a handler (a body that stalls, a load) must not hold the exit for 60 s;
+        # keepalive_timeout: a connection idle or stalled inside its headers (aiohttp has no header deadline) goes
+        # after --read-timeout, not aiohttp's hour
+        runner = web.AppRunner(control_app(service, config, read_timeout), access_log=None, shutdown_timeout=LET_GO_S,
+                               keepalive_timeout=read_timeout)
         await runner.setup()
         await web.TCPSite(runner, host, control_port).start()
     log.info("Djinn server: data plane %s:%d, control plane %s, auth %s", host, port,
