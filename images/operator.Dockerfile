@@ -12,7 +12,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv \
- && pip install "kopf>=1.44" "kubernetes>=30,<37" "aiohttp>=3.9" "boto3>=1.34" "pydantic>=2.6,<3" "pyyaml>=6"
+ && pip install "kopf>=1.44" "kubernetes>=30,<37" "aiohttp>=3.14.5" "boto3>=1.34" "pydantic>=2.6,<3" "pyyaml>=6"
 WORKDIR /src
 COPY . /src
 RUN pip install --no-deps /src

@@ -184,3 +184,17 @@ def test_a_failed_run_exits_non_zero_with_its_document_written(tmp_path, capsys)
     assert "1 run(s) failed (djinn_agents N=1); their result documents record the error" in capsys.readouterr().err
     [doc] = [json.loads(p.read_text()) for p in tmp_path.glob("results/djinn_agents/*.json")]
     assert doc["error"].startswith("DjinnConnectionError") and doc["oom"] is False
+
+
+def test_keepalive_actors_that_cannot_all_get_their_gpu_share_fail_at_once(monkeypatch):
+    """gpuPerActor x N past the cluster's GPUs: Ray would queue the extra actors for good (the Job would
+    hang to its deadline); the run fails at once, naming the field and the largest share that fits."""
+    from djinn.runners import ray_backends
+    from djinn.runners.common import ReportedFailure
+
+    monkeypatch.setattr(ray_backends.ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
+    backend = ray_backends.RayKeepAliveBackend(ref=None, gpu_per_actor=0.5)
+    with pytest.raises(ReportedFailure, match=r"^gpuPerActor: 3 actors x 0.5 GPU need 1.5 GPUs and Ray has 1; set "
+                                              r"--gpu-per-actor \(spec.gpuPerActor\) to at most 0.333333$") as err:
+        backend.setup(3)
+    assert err.value.oom is False and backend.actors == []

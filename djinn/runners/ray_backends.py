@@ -147,7 +147,11 @@ class RayKeepAliveBackend:
         self.ledger = None
 
     def setup(self, n: int) -> None:
-        gpus = self.gpu_per_actor if _cluster_has_gpu() else 0
+        total = ray.cluster_resources().get("GPU", 0)
+        gpus = self.gpu_per_actor if total > 0 else 0
+        if n * gpus > total + 1e-9:  # Ray would queue the rest for good: the run would hang to its deadline
+            raise ReportedFailure(False, f"gpuPerActor: {n} actors x {gpus:g} GPU need {n * gpus:g} GPUs and Ray has "
+                                         f"{total:g}; set --gpu-per-actor (spec.gpuPerActor) to at most {total / n:g}", "")
         if self.cap is not None:
             self.ledger = MemoryLedger.options(name=f"djinn-ledger-{uuid.uuid4().hex[:8]}").remote(self.cap)
         self.actors = [KeepAliveAgent.options(num_gpus=gpus, num_cpus=0).remote(self.ref, i, self.ledger)
