@@ -107,6 +107,12 @@ for dtype in (torch.float32, torch.float16):
         err = (gemv(x, w, config).float() - F.linear(x, w).float()).abs().max().item()
         assert err < (1e-4 if dtype == torch.float32 else 5e-2), (dtype, config, err)
 assert not runs(torch.randn(8, 96), (4, 64, 4))  # K must be a multiple of BLOCK_K
+import djinn.engine.gemv as gemv_module
+assert gemv_module.agrees(x, w, (4, 128, 8))
+real = gemv_module.gemv
+gemv_module.gemv = lambda x, w, c: real(x, w, c) * 1.05  # a kernel 5% off is not picked
+assert not gemv_module.agrees(x, w, (4, 128, 8))
+gemv_module.gemv = real
 linear = OneRowLinear()
 linear.picked[(37, 256)] = (4, 128, 8)
 w, two = torch.randn(37, 256), torch.randn(2, 256)
@@ -135,7 +141,6 @@ for w in fused.w_qkv + fused.w_gate_up + [fused.lm_head.weight] + [l.self_attn.o
 for l in fused.layers:
     fused.linear.picked[tuple(l.mlp.down_proj.weight.shape)] = (4, 4, 1)  # K = 172
 assert len(fused.linear.picked) == 5
-import djinn.engine.gemv as gemv_module
 calls = []
 gemv_module.gemv = lambda x, w, config: calls.append(config) or gemv(x, w, config)
 gemv_logits = step()
