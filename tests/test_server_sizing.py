@@ -28,6 +28,7 @@ def test_admission_covers_every_agent_the_spec_runs():
     ServerConfig(device="cpu"),
     ServerConfig(device="cpu", host="0.0.0.0", insecure=True, control_port=None, max_frame=10_485, max_step_ms=40.5, kv_block_size=32,
                  host_kv_gb=1.5, allow_models=("a/b", "c/d"), model_id="djinn/tiny-llama", session_ttl_s=3660.0),
+    ServerConfig(device="cpu", model_id="--insecure", allow_models=("-x",)),  # values that look like flags
     server_config(parse_spec({"device": "cpu", "sleepSeconds": 1800, "agentCounts": [1, 300]})),
 ])
 def test_a_config_survives_its_flags(monkeypatch, config):

@@ -50,8 +50,10 @@ class ServerConfig:
             value, flag = getattr(self, f.name), _FLAGS.get(f.name)
             if flag is None or value is None or value is False:
                 continue
-            if f.name == "allow_models":
-                argv += [x for model in value for x in ("--allow-model", model)]
+            if isinstance(value, str):  # one argument: a value starting with "-" is not taken for a flag
+                argv.append(f"{flag}={value}")
+            elif f.name == "allow_models":
+                argv += [f"--allow-model={model}" for model in value]
             elif f.name == "max_frame":
                 argv += [flag, f"{value / 2**20:.10g}"]
             elif value is True:

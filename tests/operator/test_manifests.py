@@ -51,7 +51,8 @@ def test_server_deployment_runs_the_server_on_the_gpu():
     c = container(dep)
     assert c["command"][:3] == ["python", "-m", "djinn.server.server_main"]
     argv = c["command"][3:]
-    flag = lambda name: argv[argv.index(name) + 1]  # noqa: E731
+    values = dict(a.split("=", 1) for a in argv if "=" in a)  # string values travel as --flag=value
+    flag = lambda name: values[name] if name in values else argv[argv.index(name) + 1]  # noqa: E731
     assert [flag(f) for f in ("--device", "--gpu", "--host", "--port", "--control-port", "--max-concurrent",
                               "--shutdown-grace", "--host-kv-gb", "--model-id", "--weights", "--dtype")] == \
         ["cuda", "0", "0.0.0.0", "5556", "5555", "64", "30", "4", "meta-llama/Llama-2-7b-hf", "pretrained", "float16"]
