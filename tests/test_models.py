@@ -99,3 +99,13 @@ def test_weights_are_downloaded_only_when_asked_and_a_failed_download_is_one_lin
         loader._pretrained_source("org/missing")
     assert str(err.value).startswith("model_id: downloading 'org/missing' from the Hugging Face hub failed "
                                      "(401 Client Error: gated repo)") and "\n" not in str(err.value)
+
+
+def test_a_path_that_holds_no_model_is_an_error_not_random_weights(tmp_path):
+    """A modelId naming a directory (a volume that did not mount, say) must not quietly measure random weights."""
+    from djinn.models.loader import ModelLoadError, resolve_weights
+
+    missing = str(tmp_path / "Llama-2-7b-hf")  # its last part names a shipped config
+    with pytest.raises(ModelLoadError, match=r"^model_id: '.*Llama-2-7b-hf' is a path but not a model directory"):
+        resolve_weights(missing)
+    assert resolve_weights(missing, "synthetic")[0] == "synthetic"  # asked for: its shape, random weights

@@ -128,6 +128,9 @@ def resolve_weights(model_id: str, weights: str = "auto", seed: int = 0) -> tupl
     source = None if weights == "synthetic" else _pretrained_source(model_id)
     if source is not None:
         return "pretrained", source
+    if weights == "auto" and Path(model_id).is_absolute() and not model_id.endswith(".json"):
+        raise ModelLoadError(f"model_id: {model_id!r} is a path but not a model directory (config.json and *.safetensors "
+                             "or *.bin); mount the weights there, or pass --weights synthetic for its shape with random weights")
     if weights == "pretrained":
         raise ModelLoadError(f"model_id: {model_id!r} is neither a local model directory nor in the local HF "
                              f"cache; download it first (or set {DOWNLOAD_ENV}=1) or use --weights synthetic")
