@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 from pydantic import ValidationError
 
 from djinn.runners import plan as run_plan
-from djinn.spec import DECODE_MODES, KIND, Baseline, ExperimentSpec, SpecError, parse_spec
+from djinn.spec import AGENT_BASELINES, DECODE_MODES, KIND, Baseline, ExperimentSpec, SpecError, parse_spec
 
 from . import manifests, names, raycluster
 from .manifests import Experiment, family
@@ -144,6 +144,14 @@ def validate(raw: Any) -> ExperimentSpec:
         if address is not None and _inside_the_pod(address):
             raise SpecError(f"spec.{field}: {address!r} would point inside each Job's pod; give an address the pods "
                             "reach (a Service's DNS name), or leave it unset for the operator to create one")
+    if any(b in AGENT_BASELINES for b in spec.baselines):  # each agent run is a Job under activeDeadlineSeconds
+        n = min(spec.agent_counts)  # the fewest agents run the most rounds (minSteps)
+        slept = run_plan.rounds(spec, n) * spec.iterations * spec.sleep_seconds
+        if slept >= spec.cluster.active_deadline_seconds:
+            raise SpecError(f"spec.cluster.activeDeadlineSeconds: {spec.cluster.active_deadline_seconds} s, but the run "
+                            f"at N={n} sleeps {slept:g} s in Act alone ({run_plan.rounds(spec, n)} rounds x "
+                            f"{spec.iterations} iterations x sleepSeconds {spec.sleep_seconds:g}); raise it, or sleep or "
+                            "iterate less")
     if spec.weights == "pretrained" and spec.cluster.pretrained_source is None and not spec.model_id.startswith("/"):
         raise SpecError("spec.weights: pretrained needs the weights in the pods: set cluster.modelClaim (a volume "
                         "holding them) or cluster.hfTokenSecret (download from the hub), or use weights: synthetic")

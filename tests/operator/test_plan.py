@@ -222,6 +222,10 @@ def test_running_run_whose_job_is_missing_gets_it_created_under_the_same_name():
     ({"rayAddress": "ray://LOCALHOST.:10001"}, "spec.rayAddress: 'ray://LOCALHOST.:10001' would point inside"),
     ({"agentCounts": list(range(1, 66))}, "spec.agentCounts: at most 64 items, got 65; give fewer"),
     ({"prompt": "x" * 100_000}, "spec: 100790 bytes as JSON, over the 98304 every Job takes it in (one command-line"),
+    ({"sleepSeconds": 3600, "iterations": 2}, "spec.cluster.activeDeadlineSeconds: 7200 s, but the run at N=1 sleeps "
+                                              "7200 s in Act alone (1 rounds x 2 iterations x sleepSeconds 3600)"),
+    ({"sleepSeconds": 60, "minSteps": 240, "cluster": {"activeDeadlineSeconds": 3600}},
+     "spec.cluster.activeDeadlineSeconds: 3600 s, but the run at N=1 sleeps 7200 s in Act alone (120 rounds x"),
 ])
 def test_invalid_spec_fails_with_one_line(bad, message):
     raw = {k: v for k, v in {**spec(), **bad}.items() if v is not None}
