@@ -62,7 +62,7 @@ def agrees(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int]) -> bo
     return bool(((gemv(x, w, config).float() - ref).abs() <= 1e-2 * ref.abs().max() + 1e-6).all())
 
 
-def _graph_us(calls, device) -> float:
+def graph_us(calls, device) -> float:
     """Device time of ``calls`` replayed from one CUDA graph, per call (median of TIMED_REPLAYS)."""
     for fn in calls:  # compiles, and a first run outside the capture
         fn()
@@ -101,11 +101,11 @@ class OneRowLinear:
         report = {}
         for shape, ws in by_shape.items():
             x = torch.randn(1, shape[1], dtype=ws[0].dtype, device=ws[0].device)
-            cublas = _graph_us([lambda w=w: F.linear(x, w) for w in ws], x.device)
+            cublas = graph_us([lambda w=w: F.linear(x, w) for w in ws], x.device)
             best, best_us = None, cublas
             for config in CONFIGS:  # on this device, only a setting that computes what cuBLAS does
                 if all(runs(w, config) for w in ws) and agrees(x, ws[0], config):
-                    us = _graph_us([lambda w=w: gemv(x, w, config) for w in ws], x.device)
+                    us = graph_us([lambda w=w: gemv(x, w, config) for w in ws], x.device)
                     if us < best_us:
                         best, best_us = config, us
             if best is not None:

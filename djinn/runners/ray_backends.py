@@ -60,8 +60,8 @@ def connect(address: str) -> None:
             time.sleep(delay)
 
 
-def _cluster_has_gpu() -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0
+def _cluster_gpus() -> float:
+    return ray.cluster_resources().get("GPU", 0)
 
 
 @ray.remote(num_cpus=0)
@@ -147,7 +147,7 @@ class RayKeepAliveBackend:
         self.ledger = None
 
     def setup(self, n: int) -> None:
-        total = ray.cluster_resources().get("GPU", 0)
+        total = _cluster_gpus()
         gpus = self.gpu_per_actor if total > 0 else 0
         if n * gpus > total + 1e-9:  # Ray would queue the rest for good: the run would hang to its deadline
             raise ReportedFailure(False, f"gpuPerActor: {n} actors x {gpus:g} GPU need {n * gpus:g} GPUs and Ray has "
@@ -194,7 +194,7 @@ class RayServerlessBackend:
 
     def setup(self, n: int) -> None:
         self.histories = {i: [] for i in range(n)}
-        self.gpus = self.gpu_per_task if _cluster_has_gpu() else 0
+        self.gpus = self.gpu_per_task if _cluster_gpus() > 0 else 0
 
     def step(self, agent: int, new_tokens: list[int], max_new_tokens: int) -> StepOutcome:
         history = self.histories[agent] + list(new_tokens)

@@ -146,10 +146,11 @@ def validate(raw: Any) -> ExperimentSpec:
                             "reach (a Service's DNS name), or leave it unset for the operator to create one")
     if any(b in AGENT_BASELINES for b in spec.baselines):  # each agent run is a Job under activeDeadlineSeconds
         n = min(spec.agent_counts)  # the fewest agents run the most rounds (minSteps)
-        slept = run_plan.rounds(spec, n) * spec.iterations * spec.sleep_seconds
+        rounds = run_plan.rounds(spec, n)
+        slept = rounds * spec.iterations * spec.sleep_seconds
         if slept >= spec.cluster.active_deadline_seconds:
             raise SpecError(f"spec.cluster.activeDeadlineSeconds: {spec.cluster.active_deadline_seconds} s, but the run "
-                            f"at N={n} sleeps {slept:g} s in Act alone ({run_plan.rounds(spec, n)} rounds x "
+                            f"at N={n} sleeps {slept:g} s in Act alone ({rounds} rounds x "
                             f"{spec.iterations} iterations x sleepSeconds {spec.sleep_seconds:g}); raise it, or sleep or "
                             "iterate less")
     if spec.weights == "pretrained" and spec.cluster.pretrained_source is None and not spec.model_id.startswith("/"):

@@ -11,7 +11,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from djinn.engine.gemv import CONFIGS, _graph_us, gemv, runs
+from djinn.engine.gemv import CONFIGS, graph_us, gemv, runs
 
 
 def main() -> None:
@@ -28,12 +28,12 @@ def main() -> None:
         x = torch.randn(1, k, dtype=torch.float16, device=dev)
         ref = F.linear(x, ws[0]).float()
         gb = n * k * 2 / 1e9
-        base = _graph_us([lambda w=w: F.linear(x, w) for w in ws], dev)
+        base = graph_us([lambda w=w: F.linear(x, w) for w in ws], dev)
         results = []
         for config in sweep:
             if runs(ws[0], config):
                 err = (gemv(x, ws[0], config).float() - ref).abs().max().item()
-                results.append((_graph_us([lambda w=w: gemv(x, w, config) for w in ws], dev), config, err))
+                results.append((graph_us([lambda w=w: gemv(x, w, config) for w in ws], dev), config, err))
         results.sort()
         us, config, err = results[0]
         engine = min([base] + [r[0] for r in results if r[1] in CONFIGS])
