@@ -5,15 +5,20 @@ decode step; HF ``generate`` at batch 1; the engine's N=1 per-token latency and
 its ratio to the floor; p50/p99 Reason and Reflect latency for each N with an
 Act sleep between them; tokens/s; GPU memory held; and whether the engine's
 greedy tokens equal HF ``generate``'s. The engine is driven in-process (no
-network), so the numbers are the engine's own.
+network), so the numbers are the engine's own; with ``--through-the-wire`` a Djinn
+server with the same flags serves the agents over loopback TCP, one connection each
+(the experiment's path; no HF comparison, the model is loaded only by the server).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import torch
 
@@ -89,19 +94,57 @@ def logit_gap(model, prompt: list[int], generated: list[int]) -> float:
     return float((logits.max(-1).values - chosen).max())
 
 
-def agents_round(engine, n: int, prompt: list[int], observation: list[int], new_tokens: int, act_s: float) -> dict:
-    """N agents: Reason (prompt + new_tokens) -> Act (sleep) -> Reflect (observation + new_tokens)."""
+class EngineAgent:
+    """One agent's session on an engine in this process."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.id = engine.open_session().result().id
+
+    def generate(self, tokens: list[int], n: int) -> list[int]:
+        return self.engine.generate(self.id, tokens, n).result().tokens
+
+    def close(self) -> None:
+        self.engine.close_session(self.id).result()
+
+
+class WireAgent:
+    """One agent's session on a Djinn server, over a connection of its own (as the experiment's agents)."""
+
+    def __init__(self, address: str):
+        from djinn.client import DjinnClient
+
+        self.client = DjinnClient(address).connect()
+        self.session = self.client.open_session()
+
+    def generate(self, tokens: list[int], n: int) -> list[int]:
+        return self.session.generate(tokens, n)
+
+    def close(self) -> None:
+        self.session.close()
+        self.client.close()
+
+
+COUNTERS = ("admit_ms", "decode_ms", "prefill_ms", "decode_steps", "decode_calls", "prefill_calls",
+            "tokens_prefilled", "parks", "restores")
+
+
+def agents_round(connect: Callable[[], Any], counters: Callable[[], dict], n: int, prompt: list[int],
+                 observation: list[int], new_tokens: int, act_s: float) -> dict:
+    """N agents (``connect()`` gives each its session): Reason (prompt + new_tokens) -> Act (sleep) ->
+    Reflect (observation + new_tokens), all starting together. ``counters()``: the engine's stats."""
     lat: dict[str, list[float]] = {"REASON": [], "REFLECT": []}
     lock = threading.Lock()
     barrier = threading.Barrier(n)
-    sessions = [engine.open_session().result() for _ in range(n)]
+    with ThreadPoolExecutor(min(n, 64)) as pool:
+        agents = list(pool.map(lambda _: connect(), range(n)))
     reason_window = [float("inf"), 0.0]
 
     def agent(i: int) -> None:
         barrier.wait()
         for phase, toks in (("REASON", [t + i % 7 for t in prompt]), ("REFLECT", observation)):
             t0 = time.perf_counter()
-            engine.generate(sessions[i].id, toks, new_tokens).result()
+            agents[i].generate(toks, new_tokens)
             t1 = time.perf_counter()
             with lock:
                 lat[phase].append((t1 - t0) * 1e3)
@@ -111,108 +154,134 @@ def agents_round(engine, n: int, prompt: list[int], observation: list[int], new_
                 time.sleep(act_s)
 
     threads = [threading.Thread(target=agent, args=(i,)) for i in range(n)]
-    stats0 = dict(engine.stats)
+    stats0 = counters()
     [t.start() for t in threads]
     [t.join() for t in threads]
-    for s in sessions:
-        engine.close_session(s.id).result()
+    stats1 = counters()
+    for a in agents:
+        a.close()
+    if len(lat["REFLECT"]) < n:
+        raise RuntimeError(f"N={n}: {n - len(lat['REFLECT'])} agents failed (see the errors above)")
     row = {"n": n}
     for phase, xs in lat.items():
         row[f"{phase.lower()}_p50_ms"] = percentile(xs, 50)
         row[f"{phase.lower()}_p99_ms"] = percentile(xs, 99)
     row["reason_tokens_per_s"] = n * new_tokens / (reason_window[1] - reason_window[0])
-    for key in ("admit_ms", "decode_ms", "prefill_ms", "decode_steps", "decode_calls", "prefill_calls",
-                "tokens_prefilled"):
-        row[key] = engine.stats[key] - stats0[key]
-    row["parks"] = engine.stats["parks"] - stats0["parks"]
-    row["restores"] = engine.stats["restores"] - stats0["restores"]
+    row.update({key: stats1[key] - stats0[key] for key in COUNTERS})
     return row
 
 
 def run(args: argparse.Namespace) -> dict:
-    from djinn.models.loader import load_model
+    from djinn.engine.kv_cache import block_bytes
+    from djinn.engine.transformer import model_shape
+    from djinn.models.loader import load_model, load_tokenizer_for, model_on_meta, resolve_device, resolve_dtype
     from djinn.runners.common import OBSERVATION, prompt_text
     from djinn.runners.hf_agent import greedy
     from djinn.server.config import ServerConfig
     from djinn.server.service import build_engine
     from djinn.spec import ExperimentSpec
 
-    lm = load_model(args.model_id, args.weights, args.dtype, args.device, quiet=True)
-    dev = lm.device
-    report: dict = {"model_id": args.model_id, "weights": lm.weights, "dtype": str(lm.dtype), "device": str(dev),
-                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-                    "torch": torch.__version__, "weight_bytes": lm.weight_bytes}
-    bw = copy_bandwidth_gbps(dev)
-    report["copy_bandwidth_gbps"] = bw
-    report["gemm_tflops"] = gemm_tflops(dev, lm.dtype)
-    report["decode_floor_ms"] = lm.weight_bytes / (bw * 1e9) * 1e3 if bw == bw else None
-    prompt = lm.tokenizer.encode(prompt_text(ExperimentSpec()))
-    obs = lm.tokenizer.encode(OBSERVATION)
-    report["prompt_tokens"], report["observation_tokens"] = len(prompt), len(obs)
-    n_new = args.new_tokens
-
-    hf_reason = timed(lambda: greedy(lm.model, prompt, n_new))
-    hf_one = timed(lambda: greedy(lm.model, prompt, 1))
-    report["hf_generate_reason_ms"] = hf_reason
-    report["hf_generate_per_token_ms"] = (hf_reason - hf_one) / (n_new - 1)
-
-    config = ServerConfig(max_vram_gb=args.max_vram_gb, max_seq_len=args.max_seq_len, max_slots=args.max_slots,
+    config = ServerConfig(model_id=args.model_id, weights=args.weights, dtype=args.dtype, device=args.device,
+                          max_vram_gb=args.max_vram_gb, max_seq_len=args.max_seq_len, max_slots=args.max_slots,
                           prefill_chunk=args.prefill_chunk, max_step_ms=args.max_step_ms,
-                          kv_block_size=args.kv_block_size, host_kv_gb=args.host_kv_gb)
-    engine = build_engine(config, lm)
-    cache = engine.cache
-    report["engine"] = {"cuda_graphs": engine.runner.graphed, "triton_attention": engine.net.use_triton,
-                        "kv_blocks": cache.n_blocks, "kv_block_tokens": cache.block_size, "max_seq_len": engine.max_seq,
-                        "host_kv_blocks": cache.host_capacity, "host_kv_pinned_blocks": cache.host_blocks, "kv_cache_gb": cache.nbytes / 1e9,
-                        "one_row_projections": engine.runner.one_row}
+                          kv_block_size=args.kv_block_size, host_kv_gb=args.host_kv_gb,
+                          max_concurrent=max(ServerConfig.max_concurrent, max(args.agent_counts)))
+    dev = resolve_device(args.device)
+    report: dict = {"model_id": args.model_id, "device": str(dev), "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+                    "through_the_wire": args.through_the_wire}
+    bw = copy_bandwidth_gbps(dev)  # measured before a model takes the memory
+    report["copy_bandwidth_gbps"] = bw
+    report["gemm_tflops"] = gemm_tflops(dev, resolve_dtype(args.dtype, dev))
+    n_new = args.new_tokens
+    server = probe = engine = lm = None
+    if args.through_the_wire:
+        from djinn.runners.local_server import LocalServer
 
-    s = engine.open_session().result()
+        meta = model_on_meta(args.model_id, args.weights, args.dtype, args.device)
+        model, dtype = meta, next(meta.parameters()).dtype
+        tokenizer = load_tokenizer_for(args.model_id, args.weights)
+        log_path = args.server_log or tempfile.mkstemp(prefix="djinn-bench-server-", suffix=".log")[1]
+        server = LocalServer(config, log_path=log_path).start(timeout=900)
+        report["server"] = {"argv": server.cmd[3:], "log": log_path}
+        connect: Callable[[], Any] = lambda: WireAgent(server.address)  # noqa: E731
+        probe = WireAgent(server.address)
+        counters = lambda: probe.client.stats()[args.model_id]  # noqa: E731
+        report["engine"] = {k: v for k, v in counters().items() if k.startswith(("kv_", "host_kv_", "max_seq"))}
+    else:
+        lm = load_model(args.model_id, args.weights, args.dtype, args.device, quiet=True)
+        model, dtype, tokenizer = lm.model, lm.dtype, lm.tokenizer
+        engine = build_engine(config, lm)
+        cache = engine.cache
+        report["engine"] = {"cuda_graphs": engine.runner.graphed, "triton_attention": engine.net.use_triton,
+                            "kv_blocks": cache.n_blocks, "kv_block_tokens": cache.block_size,
+                            "max_seq_len": engine.max_seq, "host_kv_blocks": cache.host_capacity,
+                            "host_kv_pinned_blocks": cache.host_blocks, "kv_cache_gb": cache.nbytes / 1e9,
+                            "one_row_projections": engine.runner.one_row}
+        connect = lambda: EngineAgent(engine)  # noqa: E731
+        counters = lambda: dict(engine.stats)  # noqa: E731
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    report.update(weights=args.weights if lm is None else lm.weights, dtype=str(dtype), weight_bytes=weight_bytes)
+    report["decode_floor_ms"] = weight_bytes / (bw * 1e9) * 1e3 if bw == bw else None
+    prompt = tokenizer.encode(prompt_text(ExperimentSpec()))
+    obs = tokenizer.encode(OBSERVATION)
+    report["prompt_tokens"], report["observation_tokens"] = len(prompt), len(obs)
+    try:
+        if lm is not None:
+            hf_reason = timed(lambda: greedy(lm.model, prompt, n_new))
+            hf_one = timed(lambda: greedy(lm.model, prompt, 1))
+            report["hf_generate_reason_ms"] = hf_reason
+            report["hf_generate_per_token_ms"] = (hf_reason - hf_one) / (n_new - 1)
 
-    def one(n):
-        sid = engine.open_session().result().id
-        engine.generate(sid, prompt, n).result()
-        engine.close_session(sid).result()
+        def one(n):
+            agent = connect()
+            agent.generate(prompt, n)
+            agent.close()
 
-    e_reason = timed(lambda: one(n_new))
-    e_one = timed(lambda: one(1))
-    per_token = (e_reason - e_one) / (n_new - 1)
-    report["engine_reason_ms"] = e_reason
-    report["engine_per_token_ms"] = per_token
-    report["engine_vs_floor"] = per_token / report["decode_floor_ms"] if report["decode_floor_ms"] else None
-    engine.close_session(s.id).result()
+        e_reason = timed(lambda: one(n_new))
+        e_one = timed(lambda: one(1))
+        per_token = (e_reason - e_one) / (n_new - 1)
+        report["engine_reason_ms"] = e_reason
+        report["engine_per_token_ms"] = per_token
+        report["engine_vs_floor"] = per_token / report["decode_floor_ms"] if report["decode_floor_ms"] else None
 
-    # correctness: batched engine vs sequential HF generate on the same prompts
-    prompts = [[t + k for t in prompt] for k in range(4)]
-    sessions = [engine.open_session().result() for _ in prompts]
-    futs = [engine.generate(x.id, p, 20) for x, p in zip(sessions, prompts)]
-    got = [f.result().tokens for f in futs]
-    ref = [greedy(lm.model, p, 20) for p in prompts]
-    report["greedy_match"] = [a == b for a, b in zip(got, ref)]
-    report["greedy_token_agreement"] = sum(x == y for a, b in zip(got, ref) for x, y in zip(a, b)) / (20 * len(prompts))
-    report["max_logit_gap"] = max(logit_gap(lm.model, p, g) for p, g in zip(prompts, got))
-    for x in sessions:
-        engine.close_session(x.id).result()
+        if lm is not None:  # correctness: batched engine vs sequential HF generate on the same prompts
+            prompts = [[t + k for t in prompt] for k in range(4)]
+            sessions = [engine.open_session().result() for _ in prompts]
+            futs = [engine.generate(x.id, p, 20) for x, p in zip(sessions, prompts)]
+            got = [f.result().tokens for f in futs]
+            ref = [greedy(lm.model, p, 20) for p in prompts]
+            report["greedy_match"] = [a == b for a, b in zip(got, ref)]
+            report["greedy_token_agreement"] = sum(x == y for a, b in zip(got, ref) for x, y in zip(a, b)) / (20 * len(prompts))
+            report["max_logit_gap"] = max(logit_gap(lm.model, p, g) for p, g in zip(prompts, got))
+            for x in sessions:
+                engine.close_session(x.id).result()
 
-    shape = engine.net.shape
-    bound = dict(params=sum(p.numel() for p in lm.model.parameters()), weight_bytes=lm.weight_bytes,
-                 kv_bytes_per_token=2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * lm.dtype.itemsize,
-                 gemm_tflops=report["gemm_tflops"], bandwidth_gbps=bw)
-    rows = []
-    for n in args.agent_counts:
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        row = agents_round(engine, n, prompt, obs, n_new, args.act_seconds)
-        row["reason_roofline_ms"] = phase_roofline_ms(n, len(prompt), n_new, 0, **bound)
-        row["reflect_roofline_ms"] = phase_roofline_ms(n, len(obs), n_new, len(prompt) + n_new, **bound)
-        for phase in ("reason", "reflect"):
-            row[f"{phase}_p99_vs_roofline"] = row[f"{phase}_p99_ms"] / row[f"{phase}_roofline_ms"]
-        if torch.cuda.is_available():
-            row["gpu_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            row["gpu_reserved_gb"] = torch.cuda.memory_reserved() / 1e9
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    report["agents"] = rows
-    engine.shutdown()
+        bound = dict(params=sum(p.numel() for p in model.parameters()), weight_bytes=weight_bytes,
+                     kv_bytes_per_token=block_bytes(model_shape(model), 1, dtype),
+                     gemm_tflops=report["gemm_tflops"], bandwidth_gbps=bw)
+        rows = []
+        for n in args.agent_counts:
+            if engine is not None and torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            row = agents_round(connect, counters, n, prompt, obs, n_new, args.act_seconds)
+            row["reason_roofline_ms"] = phase_roofline_ms(n, len(prompt), n_new, 0, **bound)
+            row["reflect_roofline_ms"] = phase_roofline_ms(n, len(obs), n_new, len(prompt) + n_new, **bound)
+            for phase in ("reason", "reflect"):
+                row[f"{phase}_p99_vs_roofline"] = row[f"{phase}_p99_ms"] / row[f"{phase}_roofline_ms"]
+            if engine is not None and torch.cuda.is_available():
+                row["gpu_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                row["gpu_reserved_gb"] = torch.cuda.memory_reserved() / 1e9
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        report["agents"] = rows
+    finally:
+        if engine is not None:
+            engine.shutdown()
+        if probe is not None:
+            probe.close()
+        if server is not None:
+            server.stop()
     return report
 
 
@@ -221,12 +290,15 @@ def format_report(r: dict) -> str:
              f"weights {r['weight_bytes'] / 1e9:.2f} GB; copy bandwidth {r['copy_bandwidth_gbps']:.0f} GB/s; "
              f"GEMM {r['gemm_tflops']:.0f} TFLOP/s; decode floor {r['decode_floor_ms'] or float('nan'):.2f} ms/token",
              f"prompt {r['prompt_tokens']} tokens, observation {r['observation_tokens']} tokens",
-             f"HF generate batch 1: Reason {r['hf_generate_reason_ms']:.1f} ms, {r['hf_generate_per_token_ms']:.2f} ms/token",
-             f"engine {r['engine']}",
-             f"engine N=1: Reason {r['engine_reason_ms']:.1f} ms, {r['engine_per_token_ms']:.2f} ms/token"
+             *([f"HF generate batch 1: Reason {r['hf_generate_reason_ms']:.1f} ms, "
+                f"{r['hf_generate_per_token_ms']:.2f} ms/token"] if "hf_generate_reason_ms" in r else []),
+             f"engine {r['engine']}" + (f"; server {' '.join(r['server']['argv'])}" if "server" in r else ""),
+             f"engine N=1{' through the wire' if r['through_the_wire'] else ''}: Reason {r['engine_reason_ms']:.1f} ms, "
+             f"{r['engine_per_token_ms']:.2f} ms/token"
              + (f" = {r['engine_vs_floor']:.2f}x the floor" if r['engine_vs_floor'] else ""),
-             f"greedy tokens equal to HF generate: {r['greedy_match']} (token agreement {r['greedy_token_agreement']:.2%}); "
-             f"largest teacher-forced logit gap {r['max_logit_gap']:.4f}",
+             *([f"greedy tokens equal to HF generate: {r['greedy_match']} (token agreement "
+                f"{r['greedy_token_agreement']:.2%}); largest teacher-forced logit gap {r['max_logit_gap']:.4f}"]
+               if "greedy_match" in r else []),
              "", "| N | Reason p50 | Reason p99 | roofline | p99/roofline | Reflect p50 | Reflect p99 | roofline | "
              "p99/roofline | Reason tok/s | parks | GPU peak GB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -247,6 +319,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agent-counts", type=int, nargs="+", default=[1, 8, 32, 128, 256])
     p.add_argument("--act-seconds", type=float, default=10.0)
     add_engine_arguments(p)  # the server's engine flags and defaults
+    p.add_argument("--through-the-wire", action="store_true",
+                   help="start a Djinn server with these flags (--max-concurrent: the largest N) and drive every "
+                        "agent over a connection of its own, as the experiment does (no HF comparison)")
+    p.add_argument("--server-log", default=None, help="the server's log with --through-the-wire (default: a temp file)")
     p.add_argument("--json", default=None, help="also write the full report here")
 
 

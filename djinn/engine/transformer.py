@@ -33,25 +33,27 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def model_shape(model) -> Shape:
+    """The attention and vocabulary shape of a HF causal LM (GPT-2 or Llama-style)."""
+    cfg = model.config
+    if cfg.model_type == "gpt2":
+        return Shape(cfg.n_layer, cfg.n_head, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.vocab_size, cfg.n_positions)
+    if hasattr(model, "model") and hasattr(model.model, "rotary_emb"):
+        n_heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+        return Shape(cfg.num_hidden_layers, n_heads, getattr(cfg, "num_key_value_heads", n_heads),
+                     head_dim, cfg.vocab_size, cfg.max_position_embeddings)
+    raise NotImplementedError(f"model_type {cfg.model_type!r}: only gpt2 and llama-style models are supported")
+
+
 class PagedTransformer:
     """Runs a HF model's layers with attention against the paged KV cache."""
 
     def __init__(self, model):
         self.model = model
-        cfg = model.config
-        self.family = cfg.model_type
-        if self.family == "gpt2":
-            self.body = model.transformer
-            n_heads = cfg.n_head
-            self.shape = Shape(cfg.n_layer, n_heads, n_heads, cfg.n_embd // n_heads, cfg.vocab_size, cfg.n_positions)
-        elif hasattr(model, "model") and hasattr(model.model, "rotary_emb"):
-            self.body = model.model
-            n_heads = cfg.num_attention_heads
-            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-            self.shape = Shape(cfg.num_hidden_layers, n_heads, getattr(cfg, "num_key_value_heads", n_heads),
-                               head_dim, cfg.vocab_size, cfg.max_position_embeddings)
-        else:
-            raise NotImplementedError(f"model_type {self.family!r}: only gpt2 and llama-style models are supported")
+        self.family = model.config.model_type
+        self.shape = model_shape(model)
+        self.body = model.transformer if self.family == "gpt2" else model.model
         self.scale = self.shape.head_dim ** -0.5
         self.rope_table = None
         if self.family != "gpt2":  # cos/sin of every position once: a lookup inside CUDA graphs

@@ -147,11 +147,16 @@ def model_config(model_id: str, weights: str = "auto"):
     return synthetic_config(model_id)
 
 
+def model_on_meta(model_id: str, weights: str = "auto", dtype: str = "auto", device: str = "auto"):
+    """``model_id``'s modules at the dtype ``load_model`` would pick, on the meta device: every shape and
+    size, nothing allocated."""
+    dev = resolve_device(device)
+    return _from_config(model_config(model_id, weights), resolve_dtype(dtype, dev), torch.device("meta"))
+
+
 def estimate_weight_bytes(model_id: str, weights: str = "auto", dtype: str = "auto", device: str = "auto") -> int:
     """Bytes of ``model_id``'s weights at ``dtype``, counted on the meta device (nothing allocated)."""
-    dev = resolve_device(device)
-    model = _from_config(model_config(model_id, weights), resolve_dtype(dtype, dev), torch.device("meta"))
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    return sum(p.numel() * p.element_size() for p in model_on_meta(model_id, weights, dtype, device).parameters())
 
 
 def _from_config(config, dtype: torch.dtype, device: torch.device):
