@@ -6,7 +6,10 @@ GEMM rate, and the eager step's kernels grouped by name (torch.profiler). For a 
 (rows of 72 fresh tokens) and a Reflect chunk (rows of 18 tokens after a 122-token prefix): wall time
 per call and per token against the GEMM rate, and the same kernel table.
 
-    python3 scripts/gpu/profile_engine.py --out $OUT/profile.json [--batches 1 64 512]
+A Reason wave of each ``--waves`` N (all prompts at once) is timed, then profiled: how long the GPU
+sat idle between kernels while the engine's host work ran.
+
+    python3 scripts/gpu/profile_engine.py --out $OUT/profile.json [--batches 1 64 512] [--waves 512]
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import time
 from collections import defaultdict
 
 import torch
@@ -61,6 +65,45 @@ def kernels(fn, calls: int = 3) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_call"])
 
 
+def wave(engine, n: int, new_tokens: int = 50) -> dict:
+    """A Reason wave: ``n`` fresh sessions' 72-token prompts submitted at once, ``new_tokens`` each. Run
+    once plain (wall time), then under the profiler: the time the GPU ran anything (the union of its kernel
+    and copy intervals) against the span from the first to the last, and the idle gaps between them, which
+    is where the engine's host work (scheduling, launches, readbacks) left the GPU waiting."""
+    def run() -> float:
+        ids = [engine.open_session().result().id for _ in range(n)]
+        t0 = time.perf_counter()
+        futs = [engine.generate(sid, [1000 + 7 * i + t for t in range(72)], new_tokens) for i, sid in enumerate(ids)]
+        for f in futs:
+            f.result()
+        wall = (time.perf_counter() - t0) * 1e3
+        for sid in ids:
+            engine.close_session(sid).result()
+        return wall
+
+    plain = run()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        profiled = run()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0.0)) for e in trace.get("traceEvents", [])
+                   if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not spans:
+        raise SystemExit("the profiler saw no GPU work during the wave (CUPTI not available?)")
+    busy, gaps, end = 0.0, [], spans[0][0]
+    for a, b in spans:
+        if a > end:
+            gaps.append(a - end)
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    span = end - spans[0][0]
+    return {"agents": n, "wall_ms": plain, "profiled_wall_ms": profiled, "gpu_span_ms": span / 1e3,
+            "gpu_busy_ms": busy / 1e3, "gpu_idle_ms": (span - busy) / 1e3, "kernels": len(spans),
+            "gaps_over_50us": sum(1 for g in gaps if g > 50), "idle_in_gaps_over_50us_ms": sum(g for g in gaps if g > 50) / 1e3,
+            "largest_gaps_us": sorted(gaps)[-8:][::-1]}
+
+
 def table(rows: list[dict], top: int = 12) -> str:
     lines = [f"    {r['us_per_call']:9.1f} us  {r['share']:5.1%}  x{r['launches_per_call']:<5.0f} {r['kernel']}"
              for r in rows[:top]]
@@ -73,6 +116,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 512])
     p.add_argument("--context", type=int, default=122, help="decode positions already cached per row")
+    p.add_argument("--waves", type=int, nargs="*", default=[512], help="Reason waves to time against the GPU's busy time")
     args = p.parse_args()
     lm = load_model("meta-llama/Llama-2-7b-hf", "synthetic", "float16", "cuda", quiet=True)
     dev = lm.device
@@ -136,6 +180,14 @@ def main() -> None:
         print(f"prefill {name}: {rows_n} rows x {width} tokens from {start}: {ms:.2f} ms, "
               f"{entry['us_per_token']:.1f} us/token (GEMM floor {entry['gemm_floor_us_per_token']:.1f})\n"
               + table(entry["kernels"]), flush=True)
+    report["waves"] = []
+    for n in args.waves:
+        entry = wave(engine, n)
+        report["waves"].append(entry)
+        print(f"Reason wave of {n}: {entry['wall_ms']:.0f} ms ({entry['profiled_wall_ms']:.0f} ms profiled); GPU busy "
+              f"{entry['gpu_busy_ms']:.0f} of {entry['gpu_span_ms']:.0f} ms, idle {entry['gpu_idle_ms']:.0f} ms "
+              f"({entry['gaps_over_50us']} gaps over 50 us hold {entry['idle_in_gaps_over_50us_ms']:.0f} ms; "
+              f"largest {', '.join(f'{g:.0f}' for g in entry['largest_gaps_us'])} us)", flush=True)
     engine.shutdown()
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
