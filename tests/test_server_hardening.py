@@ -527,15 +527,15 @@ def test_a_failing_compute_step_is_internal_and_fails_only_its_request():
         engine = (await service.load(TINY_LLAMA)).engine
         try:
             sid, key = await service.open_session(None, None, "full_djinn")
-            real = engine._prefill_step
+            real = engine._launch_prefill
 
             def broken(batch):
                 if batch:
-                    engine._prefill_step = real
+                    engine._launch_prefill = real
                     raise RuntimeError("a kernel fell over")
                 return real(batch)
 
-            engine._prefill_step = broken
+            engine._launch_prefill = broken
             with pytest.raises(RequestError) as err:
                 await service.generate(None, sid, key, PROMPT, 3)
             again = await service.generate(None, sid, key, PROMPT, 3)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from djinn.engine.kv_cache import PagedKVCache, block_bytes
-from djinn.engine.model_runner import ModelRunner
+from djinn.engine.model_runner import ModelRunner, Pending
 from djinn.engine.scheduler import Plan, Request, Scheduler, Session, blocks_for, pad_groups, prefill_budget
 from djinn.engine.transformer import PagedTransformer
 
@@ -372,13 +372,18 @@ class Engine:
         fit = int(self.max_step_ms // self._cost["decode_ms"])
         return max(1, min(MAX_LOOKAHEAD, fit, *(r.max_new_tokens - len(r.out) for r in batch)))
 
-    def _decode_step(self, batch: list[Request], steps: int = 1) -> None:
+    def _launch_decode(self, batch: list[Request], steps: int) -> Optional[Pending]:
         if not batch:
+            return None
+        pending = Pending(self.device)
+        return pending.of(self.runner.decode([r.row for r in batch], [r.session.history[r.session.kv_len] for r in batch],
+                                             [r.session.kv_len for r in batch], steps))
+
+    def _take_decode(self, batch: list[Request], pending: Optional[Pending], steps: int) -> None:
+        if pending is None:
             return
-        t0 = time.perf_counter()
-        outs = self.runner.decode([r.row for r in batch], [r.session.history[r.session.kv_len] for r in batch],
-                                  [r.session.kv_len for r in batch], steps)
-        self._measured("decode_ms", (time.perf_counter() - t0) * 1e3 / steps)  # the readback waited for the steps
+        outs = pending.get()
+        self._measured("decode_ms", pending.ms / steps)
         for nxt in outs:
             for r, t in zip(batch, nxt):
                 r.session.kv_len += 1
@@ -389,22 +394,29 @@ class Engine:
         self.stats["decode_batch_tokens"] += len(batch) * steps
         self.stats["tokens_generated"] += len(batch) * steps
 
-    def _prefill_step(self, chunks: list[tuple[Request, int]]) -> None:
-        """The plan's prompt chunks, in as few padded calls as ``pad_groups`` allows."""
+    def _launch_prefill(self, chunks: list[tuple[Request, int]]) -> list[tuple[list, torch.Tensor, Pending]]:
+        """The plan's prompt chunks, in as few padded calls as ``pad_groups`` allows: per call its
+        (request, chunk) pairs, logits and first tokens on their way."""
         items = []
         for r, n in chunks:
             chunk, r.pending = r.pending[:n], r.pending[n:]
             items.append((r, chunk))
+        calls = []
         for group in pad_groups([len(c) for _, c in items]):
             batch = [items[i] for i in group]
-            tokens = sum(len(c) for _, c in batch)
-            t0 = time.perf_counter()
+            pending = Pending(self.device)
             logits = self.runner.prefill([r.row for r, _ in batch], [c for _, c in batch],
                                          [r.session.kv_len for r, _ in batch])
-            firsts = logits.argmax(-1).tolist()
+            calls.append((batch, logits, pending.of(logits.argmax(-1))))
+        return calls
+
+    def _take_prefill(self, calls: list[tuple[list, torch.Tensor, Pending]]) -> None:
+        for batch, logits, pending in calls:
+            firsts = pending.get()
+            tokens = sum(len(c) for _, c in batch)
             self.stats["prefill_calls"] += 1
             if tokens >= COSTED_PREFILL:  # smaller calls are dominated by reading the weights, not by tokens
-                self._measured("prefill_ms_per_token", (time.perf_counter() - t0) * 1e3 / tokens)
+                self._measured("prefill_ms_per_token", pending.ms / tokens)
             for (r, chunk), row, t in zip(batch, logits, firsts):
                 s = r.session
                 s.kv_len += len(chunk)
@@ -426,9 +438,14 @@ class Engine:
                 plan = self.sched.schedule(self.sessions, self._chunk_for)
                 self._start(plan)
                 t1 = time.perf_counter()
-                self._decode_step(plan.decode, self._lookahead(plan.decode, plan))
+                # both launched before either is read back: the GPU runs the prefill while the host
+                # takes the decode step's tokens
+                steps = self._lookahead(plan.decode, plan)
+                decoded = self._launch_decode(plan.decode, steps)
+                prefilled = self._launch_prefill(plan.prefill)
+                self._take_decode(plan.decode, decoded, steps)
                 t2 = time.perf_counter()
-                self._prefill_step(plan.prefill)
+                self._take_prefill(prefilled)
                 t3 = time.perf_counter()
                 for phase, ms in (("admit_ms", t1 - t0), ("decode_ms", t2 - t1), ("prefill_ms", t3 - t2)):
                     self.stats[phase] += ms * 1e3  # host time, for /metrics

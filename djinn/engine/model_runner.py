@@ -3,6 +3,8 @@ captured per batch-size bucket; prefill runs eagerly (its shapes vary)."""
 from __future__ import annotations
 
 import logging
+import time
+from typing import Optional
 
 import torch
 
@@ -23,6 +25,37 @@ def bucket_sizes(limit: int) -> list[int]:
     while sizes[-1] < limit:
         sizes.append(sizes[-1] * 2 if sizes[-1] < 2 * BUCKET_STEP else sizes[-1] + BUCKET_STEP)
     return sizes
+
+
+class Pending:
+    """A step's results on their way to pinned host memory: made before the step is launched, ``of(values)``
+    after. ``get()`` waits for that copy alone, so work launched later (a prefill behind a decode) keeps the
+    GPU busy while the host reads it; ``ms`` is then the step's own time (on the device between two events;
+    on the CPU, which computes while launching, the wall time of the launch)."""
+
+    def __init__(self, device: torch.device):
+        self.begun = time.perf_counter()
+        self.started = self.ended = None
+        if device.type == "cuda":
+            self.started, self.ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.started.record()
+        self.host: Optional[torch.Tensor] = None
+        self.ms = 0.0
+
+    def of(self, values: torch.Tensor) -> "Pending":
+        if self.ended is None:
+            self.host, self.ms = values, (time.perf_counter() - self.begun) * 1e3
+            return self
+        self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)  # torch caches pinned blocks
+        self.host.copy_(values, non_blocking=True)
+        self.ended.record()
+        return self
+
+    def get(self) -> list:
+        if self.ended is not None:
+            self.ended.synchronize()
+            self.ms = self.started.elapsed_time(self.ended)
+        return self.host.tolist()
 
 
 class ModelRunner:
@@ -86,8 +119,9 @@ class ModelRunner:
                 self.prefill([row], [[0] * width], [start])
         torch.cuda.synchronize(self.cache.device)
 
-    def decode(self, rows: list[int], tokens: list[int], positions: list[int], steps: int = 1) -> list[list[int]]:
-        """``steps`` greedy steps of the batch (each row's KV blocks reserved for them): the tokens of each step."""
+    def decode(self, rows: list[int], tokens: list[int], positions: list[int], steps: int = 1) -> torch.Tensor:
+        """Launch ``steps`` greedy steps of the batch (each row's KV blocks reserved for them): the tokens of
+        each step [steps, rows], on the device."""
         if not self.graphed:
             dev = self.cache.device
             toks, pos, out = torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), []
@@ -95,16 +129,13 @@ class ModelRunner:
                 toks = self.net.decode(self.cache.kv, self.cache.tables, torch.tensor(rows, device=dev), toks, pos,
                                        span=int(pos.max()) + 1).argmax(-1)
                 pos = pos + 1
-                out.append(toks.tolist())
-            return out
-        out = [[] for _ in range(steps)]
-        step = self.sizes[-1]
-        for i in range(0, len(rows), step):
-            for k, part in enumerate(self._replay(rows[i:i + step], tokens[i:i + step], positions[i:i + step], steps)):
-                out[k] += part
-        return out
+                out.append(toks)
+            return torch.stack(out)
+        return self._replay(rows, tokens, positions, steps)
 
-    def _replay(self, rows: list[int], tokens: list[int], positions: list[int], steps: int) -> list[list[int]]:
+    def _replay(self, rows: list[int], tokens: list[int], positions: list[int], steps: int) -> torch.Tensor:
+        """The smallest bucket >= the batch (the largest holds every running request). ``staging`` is free
+        to overwrite: the previous launch's copy from it preceded that launch's results, already read."""
         n = len(rows)
         b = next(s for s in self.sizes if s >= n)
         pad = b - n
@@ -116,10 +147,11 @@ class ModelRunner:
         for _ in range(steps):  # one host round trip for all of them
             graph.replay()
             outs.append(result[:n].clone())
-        return torch.stack(outs).tolist()
+        return torch.stack(outs)
 
     def prefill(self, rows: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
-        """Chunks (padded to the longest) for ``rows`` at positions from ``starts``: last-position logits [B, V]."""
+        """Launch the chunks (padded to the longest) for ``rows`` at positions from ``starts``: last-position
+        logits [B, V], on the device."""
         dev = self.cache.device
         lens = [len(c) for c in chunks]
         width = max(lens)

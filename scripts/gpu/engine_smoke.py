@@ -87,6 +87,7 @@ def decode_steps(lm, engine: Engine, tokens_per_session: int, batches: list[int]
         t0 = time.perf_counter()
         for _ in range(20):
             engine.runner.decode(*args)
+        torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) / 20 * 1e3
         floor = (lm.weight_bytes + b * tokens_per_session * kv_token) / (bw * 1e9) * 1e3
         rows.append({"batch": b, "step_ms": round(ms, 3), "floor_ms": round(floor, 3), "ratio": round(ms / floor, 3)})
