@@ -52,6 +52,16 @@ assert outs == [greedy(lm.model, p, 5) for p in prompts]
 # a second request per session prefills over its cached prefix (the paged prefill kernel)
 futs = [eng.generate(s.id, [7, 8, 9], 3) for s in sessions]
 assert [f.result().tokens for f in futs] == [greedy(lm.model, p + o + [7, 8, 9], 3) for p, o in zip(prompts, outs)]
+# a decode step rides in the prefill call of a prompt cut into 16-token chunks (both queued before one iteration)
+import time
+eng.prefill_chunk, riding = 16, []
+real = eng.runner.prefill
+eng.runner.prefill = lambda rows, chunks, starts, riders=None: riding.append(riders) or real(rows, chunks, starts, riders)
+a, b = eng.open_session().result(), eng.open_session().result()
+futs = [eng.call(time.sleep, 0.3), eng.generate(a.id, list(range(20, 30)), 12), eng.generate(b.id, list(range(60, 100)), 6)]
+assert futs[1].result().tokens == greedy(lm.model, list(range(20, 30)), 12)
+assert futs[2].result().tokens == greedy(lm.model, list(range(60, 100)), 6)
+assert [r is not None and len(r[0]) for r in riding] == [False, 1, 1, 1]  # a alone, then b's chunks with a's steps
 eng.shutdown()
 
 # fp16, scattered blocks: paged prefill equals the HF forward bit for bit; the fused paged decode step
@@ -79,6 +89,18 @@ with torch.inference_mode():
 assert (more - hf).abs().max() < 2e-2  # a cached prefix: same math, another reduction order
 kv0 = cache.kv.clone()
 pos, tok = torch.tensor([13, 13]), torch.tensor([11, 12])
+# the same decode step riding in a prefill of row 1: the same logits and KV as the two calls apart
+cache.set_rows([1], [[2, 4, 6, 8]])
+fresh = torch.tensor([[3, 1, 4, 1, 5, 9]])
+apart = torch.cat([net.prefill(cache.kv, cache.tables, torch.tensor([1]), fresh, torch.tensor([0]), torch.tensor([6]), 6,
+                               False), net.decode(cache.kv, cache.tables, rows, tok, pos, span=14)])
+kv_apart = cache.kv.clone()
+cache.kv.copy_(kv0)
+mixed = net.prefill(cache.kv, cache.tables, torch.tensor([1]), fresh, torch.tensor([0]), torch.tensor([6]), 6, False,
+                    (rows, tok, pos))
+assert mixed.shape == apart.shape and (mixed - apart).abs().max() < 2e-2 and torch.equal(mixed.argmax(-1), apart.argmax(-1))
+assert (cache.kv - kv_apart).abs().max() < 2e-2
+cache.kv.copy_(kv0)
 fused = net.decode(cache.kv, cache.tables, rows, tok, pos, span=14)
 kv_fused = cache.kv.clone()
 cache.kv.copy_(kv0)

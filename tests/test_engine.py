@@ -160,10 +160,10 @@ def test_a_generate_with_nothing_new_continues_from_the_last_token(engine, tiny_
 def test_a_failing_request_fails_alone_and_keeps_no_undelivered_tokens(engine, tiny_llama, monkeypatch):
     prefill = engine.runner.prefill
 
-    def poisoned(rows, chunks, starts):
+    def poisoned(rows, chunks, starts, riders=None):
         if any(999 in c for c in chunks):
             raise RuntimeError("poisoned step")
-        return prefill(rows, chunks, starts)
+        return prefill(rows, chunks, starts, riders)
 
     monkeypatch.setattr(engine.runner, "prefill", poisoned)
     good, bad = engine.open_session().result(), engine.open_session().result()
@@ -194,8 +194,8 @@ def test_a_cancelled_request_frees_its_session(engine, tiny_llama):
 def test_prompts_of_unequal_length_and_start_share_a_padded_prefill_exactly(engine, tiny_llama, monkeypatch):
     calls = []
     prefill = engine.runner.prefill
-    monkeypatch.setattr(engine.runner, "prefill", lambda rows, chunks, starts: calls.append(
-        [len(c) for c in chunks]) or prefill(rows, chunks, starts))
+    monkeypatch.setattr(engine.runner, "prefill", lambda rows, chunks, starts, riders=None: calls.append(
+        [len(c) for c in chunks]) or prefill(rows, chunks, starts, riders))
     a, b, c = (engine.open_session().result() for _ in range(3))
     first = {a.id: engine.generate(a.id, PROMPTS[0], 4).result().tokens,
              c.id: engine.generate(c.id, PROMPTS[1], 4).result().tokens}

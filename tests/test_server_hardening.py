@@ -527,15 +527,15 @@ def test_a_failing_compute_step_is_internal_and_fails_only_its_request():
         engine = (await service.load(TINY_LLAMA)).engine
         try:
             sid, key = await service.open_session(None, None, "full_djinn")
-            real = engine._launch_prefill
+            real = engine._launch
 
-            def broken(batch):
-                if batch:
-                    engine._launch_prefill = real
+            def broken(plan, steps):
+                if plan.prefill:
+                    engine._launch = real
                     raise RuntimeError("a kernel fell over")
-                return real(batch)
+                return real(plan, steps)
 
-            engine._launch_prefill = broken
+            engine._launch = broken
             with pytest.raises(RequestError) as err:
                 await service.generate(None, sid, key, PROMPT, 3)
             again = await service.generate(None, sid, key, PROMPT, 3)

@@ -125,7 +125,7 @@ class WireAgent:
         self.client.close()
 
 
-COUNTERS = ("admit_ms", "decode_ms", "prefill_ms", "decode_steps", "decode_calls", "prefill_calls",
+COUNTERS = ("admit_ms", "launch_ms", "wait_ms", "decode_steps", "decode_calls", "prefill_calls",
             "tokens_prefilled", "parks", "restores")
 
 

@@ -98,7 +98,7 @@ class Engine:
         self._cost = {"decode_ms": 0.0, "prefill_ms_per_token": 0.0}  # measured, for prefill_budget
         self.stats = {"requests": 0, "tokens_generated": 0, "tokens_prefilled": 0, "decode_steps": 0,
                       "decode_calls": 0, "prefill_calls": 0, "decode_batch_tokens": 0, "parks": 0, "restores": 0,
-                      "reused_sessions": 0, "refused": 0, "admit_ms": 0.0, "decode_ms": 0.0, "prefill_ms": 0.0}
+                      "reused_sessions": 0, "refused": 0, "admit_ms": 0.0, "launch_ms": 0.0, "wait_ms": 0.0}
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="djinn-engine", daemon=True)
@@ -372,18 +372,36 @@ class Engine:
         fit = int(self.max_step_ms // self._cost["decode_ms"])
         return max(1, min(MAX_LOOKAHEAD, fit, *(r.max_new_tokens - len(r.out) for r in batch)))
 
-    def _launch_decode(self, batch: list[Request], steps: int) -> Optional[Pending]:
-        if not batch:
-            return None
-        pending = Pending(self.device)
-        return pending.of(self.runner.decode([r.row for r in batch], [r.session.history[r.session.kv_len] for r in batch],
-                                             [r.session.kv_len for r in batch], steps))
+    def _launch(self, plan: Plan, steps: int) -> tuple[Optional[Pending], list[tuple[list, torch.Tensor, Pending]]]:
+        """Launch the iteration's device work, nothing read back yet: ``steps`` decode steps of the batch and
+        the prompt chunks in as few padded calls as ``pad_groups`` allows. A single decode step rides in the
+        first prefill call where the runner mixes (its tokens share the GEMMs: one read of the weights for
+        both); its tokens then follow that call's first tokens. Returns the decode's pending tokens (None
+        when riding) and per prefill call its (request, chunk) pairs, logits and pending first tokens."""
+        items = []
+        for r, n in plan.prefill:
+            chunk, r.pending = r.pending[:n], r.pending[n:]
+            items.append((r, chunk))
+        groups = pad_groups([len(c) for _, c in items])
+        decoded, riders = None, None
+        if plan.decode:
+            args = ([r.row for r in plan.decode], [r.session.history[r.session.kv_len] for r in plan.decode],
+                    [r.session.kv_len for r in plan.decode])
+            if groups and steps == 1 and self.runner.mixes:
+                riders = args
+            else:
+                decoded = Pending(self.device).of(self.runner.decode(*args, steps))
+        calls = []
+        for group in groups:
+            batch = [items[i] for i in group]
+            pending = Pending(self.device)
+            logits = self.runner.prefill([r.row for r, _ in batch], [c for _, c in batch],
+                                         [r.session.kv_len for r, _ in batch], riders)
+            calls.append((batch, logits, pending.of(logits.argmax(-1))))
+            riders = None
+        return decoded, calls
 
-    def _take_decode(self, batch: list[Request], pending: Optional[Pending], steps: int) -> None:
-        if pending is None:
-            return
-        outs = pending.get()
-        self._measured("decode_ms", pending.ms / steps)
+    def _take_decode(self, batch: list[Request], outs: list[list[int]], steps: int) -> None:
         for nxt in outs:
             for r, t in zip(batch, nxt):
                 r.session.kv_len += 1
@@ -394,39 +412,35 @@ class Engine:
         self.stats["decode_batch_tokens"] += len(batch) * steps
         self.stats["tokens_generated"] += len(batch) * steps
 
-    def _launch_prefill(self, chunks: list[tuple[Request, int]]) -> list[tuple[list, torch.Tensor, Pending]]:
-        """The plan's prompt chunks, in as few padded calls as ``pad_groups`` allows: per call its
-        (request, chunk) pairs, logits and first tokens on their way."""
-        items = []
-        for r, n in chunks:
-            chunk, r.pending = r.pending[:n], r.pending[n:]
-            items.append((r, chunk))
-        calls = []
-        for group in pad_groups([len(c) for _, c in items]):
-            batch = [items[i] for i in group]
-            pending = Pending(self.device)
-            logits = self.runner.prefill([r.row for r, _ in batch], [c for _, c in batch],
-                                         [r.session.kv_len for r, _ in batch])
-            calls.append((batch, logits, pending.of(logits.argmax(-1))))
-        return calls
+    def _take_prefill(self, batch: list, firsts: list[int], logits: torch.Tensor) -> None:
+        for (r, chunk), row, t in zip(batch, logits, firsts):
+            s = r.session
+            s.kv_len += len(chunk)
+            self.stats["tokens_prefilled"] += len(chunk)
+            if not r.pending:
+                r.logits = row
+                if r.max_new_tokens > 0:
+                    r.out.append(t)
+                    s.history.append(t)
+                    self.stats["tokens_generated"] += 1
 
-    def _take_prefill(self, calls: list[tuple[list, torch.Tensor, Pending]]) -> None:
-        for batch, logits, pending in calls:
-            firsts = pending.get()
-            tokens = sum(len(c) for _, c in batch)
+    def _take(self, plan: Plan, steps: int, decoded: Optional[Pending],
+              calls: list[tuple[list, torch.Tensor, Pending]]) -> None:
+        """Read back what ``_launch`` started, in launch order (each wait covers its own call alone), and
+        apply it; measure the step costs ``prefill_budget`` plans with."""
+        if decoded is not None:
+            self._take_decode(plan.decode, decoded.get(), steps)
+            self._measured("decode_ms", decoded.ms / steps)
+        for i, (batch, logits, pending) in enumerate(calls):
+            tokens = pending.get()
+            riding = plan.decode if i == 0 and decoded is None else []
+            self._take_prefill(batch, tokens[:len(batch)], logits[:len(batch)])
+            if riding:
+                self._take_decode(riding, [tokens[len(batch):]], 1)
+            work = sum(len(c) for _, c in batch) + len(riding)  # a rider costs about a prompt token
             self.stats["prefill_calls"] += 1
-            if tokens >= COSTED_PREFILL:  # smaller calls are dominated by reading the weights, not by tokens
-                self._measured("prefill_ms_per_token", pending.ms / tokens)
-            for (r, chunk), row, t in zip(batch, logits, firsts):
-                s = r.session
-                s.kv_len += len(chunk)
-                self.stats["tokens_prefilled"] += len(chunk)
-                if not r.pending:
-                    r.logits = row
-                    if r.max_new_tokens > 0:
-                        r.out.append(t)
-                        s.history.append(t)
-                        self.stats["tokens_generated"] += 1
+            if work >= COSTED_PREFILL:  # smaller calls are dominated by reading the weights, not by tokens
+                self._measured("prefill_ms_per_token", pending.ms / work)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -438,16 +452,12 @@ class Engine:
                 plan = self.sched.schedule(self.sessions, self._chunk_for)
                 self._start(plan)
                 t1 = time.perf_counter()
-                # both launched before either is read back: the GPU runs the prefill while the host
-                # takes the decode step's tokens
                 steps = self._lookahead(plan.decode, plan)
-                decoded = self._launch_decode(plan.decode, steps)
-                prefilled = self._launch_prefill(plan.prefill)
-                self._take_decode(plan.decode, decoded, steps)
+                launched = self._launch(plan, steps)
                 t2 = time.perf_counter()
-                self._take_prefill(prefilled)
+                self._take(plan, steps, *launched)
                 t3 = time.perf_counter()
-                for phase, ms in (("admit_ms", t1 - t0), ("decode_ms", t2 - t1), ("prefill_ms", t3 - t2)):
+                for phase, ms in (("admit_ms", t1 - t0), ("launch_ms", t2 - t1), ("wait_ms", t3 - t2)):
                     self.stats[phase] += ms * 1e3  # host time, for /metrics
                 for r in [r for r in self.sched.running if not r.pending and len(r.out) >= r.max_new_tokens]:
                     self._finish(r)

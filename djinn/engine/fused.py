@@ -204,25 +204,41 @@ class FusedLlama:
                                                  splits=splits)
         return self.linear(self._forward(kv, tables, rows, tokens, positions, attend), self.lm_head.weight)
 
-    def prefill(self, kv, tables, rows, tokens, starts, lens, prefix: bool):
+    def prefill(self, kv, tables, rows, tokens, starts, lens, prefix: bool, riders=None):
         """Row b's ``lens[b]`` tokens of ``tokens`` [B, T] at positions ``starts[b]..``: last-position logits.
-        Padding tokens write to the scratch row's block (the table's last row points every entry at it)."""
+        Padding tokens write to the scratch row's block (the table's last row points every entry at it).
+        ``riders`` (rows, tokens, positions) [n]: a decode step that rides along, its tokens in the same
+        GEMMs (one read of the weights for both), its logits after the prefill's: [B + n, V]."""
         B, T = tokens.shape
         H, KVH, D = self.H, self.KVH, self.D
+        P = B * T
         steps = torch.arange(T, device=tokens.device)
         valid = steps[None, :] < lens[:, None]
         positions = torch.where(valid, starts[:, None] + steps, starts[:, None]).reshape(-1)
         token_rows = torch.where(valid, rows[:, None], tables.shape[0] - 1).reshape(-1)
+        flat = tokens.reshape(-1)
+        if riders is not None:
+            d_rows, d_tokens, d_positions = riders
+            flat, positions, token_rows = (torch.cat(x) for x in ((flat, d_tokens), (positions, d_positions),
+                                                                   (token_rows, d_rows)))
+            lengths, splits = d_positions + 1, self.net.splits(d_tokens.shape[0], tables, kv.shape[4])
 
         def attend(li, q, k, v):
             if prefix:
-                return triton_paged_prefill_attention(q.view(B, T, H, D), kv[:, li, 0], kv[:, li, 1], tables, rows,
-                                                      starts, lens, self.net.scale)
-            with sdpa_kernel(SDPA_BACKENDS):  # every row starts at 0: causal within the chunk, padding last
-                o = F.scaled_dot_product_attention(q.view(B, T, H, D).transpose(1, 2), k.view(B, T, KVH, D).transpose(1, 2),
-                                                   v.view(B, T, KVH, D).transpose(1, 2), is_causal=True,
-                                                   scale=self.net.scale, enable_gqa=KVH != H)
-            return o.transpose(1, 2).reshape(B * T, H * D)
+                o = triton_paged_prefill_attention(q[:P].view(B, T, H, D), kv[:, li, 0], kv[:, li, 1], tables, rows,
+                                                   starts, lens, self.net.scale)
+            else:
+                with sdpa_kernel(SDPA_BACKENDS):  # every row starts at 0: causal within the chunk, padding last
+                    o = F.scaled_dot_product_attention(
+                        q[:P].view(B, T, H, D).transpose(1, 2), k[:P].view(B, T, KVH, D).transpose(1, 2),
+                        v[:P].view(B, T, KVH, D).transpose(1, 2), is_causal=True, scale=self.net.scale,
+                        enable_gqa=KVH != H)
+                o = o.transpose(1, 2).reshape(P, H * D)
+            if riders is None:
+                return o
+            return torch.cat([o, triton_paged_decode_attention(q[P:], kv[:, li, 0], kv[:, li, 1], tables, d_rows,
+                                                               lengths, self.net.scale, splits=splits)])
 
-        h = self._forward(kv, tables, token_rows, tokens.reshape(-1), positions, attend, keep_k=not prefix)
-        return self.lm_head(h.view(B, T, -1)[torch.arange(B, device=h.device), lens - 1])
+        h = self._forward(kv, tables, token_rows, flat, positions, attend, keep_k=not prefix)
+        last = h[:P].view(B, T, -1)[torch.arange(B, device=h.device), lens - 1]
+        return self.lm_head(last if riders is None else torch.cat([last, h[P:]]))

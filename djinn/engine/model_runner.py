@@ -149,13 +149,23 @@ class ModelRunner:
             outs.append(result[:n].clone())
         return torch.stack(outs)
 
-    def prefill(self, rows: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+    @property
+    def mixes(self) -> bool:
+        """Whether a decode step can ride in a prefill call (the fused kernels)."""
+        return self.net.fused is not None
+
+    def prefill(self, rows: list[int], chunks: list[list[int]], starts: list[int],
+                riders: Optional[tuple[list[int], list[int], list[int]]] = None) -> torch.Tensor:
         """Launch the chunks (padded to the longest) for ``rows`` at positions from ``starts``: last-position
-        logits [B, V], on the device."""
+        logits [B, V], on the device. ``riders`` (rows, tokens, positions), where ``mixes``: one decode step
+        in the same call, whose logits follow the prefill's."""
         dev = self.cache.device
         lens = [len(c) for c in chunks]
         width = max(lens)
         padded = [c + [0] * (width - len(c)) for c in chunks]
+        if riders is not None:
+            riders = tuple(torch.tensor(x, device=dev) for x in riders)
         return self.net.prefill(self.cache.kv, self.cache.tables, torch.tensor(rows, device=dev),
                                 torch.tensor(padded, device=dev), torch.tensor(starts, device=dev),
-                                torch.tensor(lens, device=dev), max(s + n for s, n in zip(starts, lens)), max(starts) > 0)
+                                torch.tensor(lens, device=dev), max(s + n for s, n in zip(starts, lens)), max(starts) > 0,
+                                riders)

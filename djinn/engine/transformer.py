@@ -115,13 +115,15 @@ class PagedTransformer:
     # live in the blocks listed by ``tables[rows[b]]`` (see djinn.engine.kv_cache).
     @torch.inference_mode()
     def prefill(self, kv, tables, rows: torch.Tensor, tokens: torch.Tensor, starts: torch.Tensor,
-                lens: torch.Tensor, end: int, prefix: bool) -> torch.Tensor:
+                lens: torch.Tensor, end: int, prefix: bool, riders=None) -> torch.Tensor:
         """Process row b's ``lens[b]`` tokens (``tokens`` [B, T], padded at the end) at positions
         ``starts[b]..``; ``end`` = max(starts + lens); ``prefix``: some row starts past 0 and attends to its
         cache through the tables. Padding writes only to the scratch block (the last one). Returns each
-        row's last real position's logits [B, V]."""
+        row's last real position's logits [B, V]. ``riders``: a decode step in the same call (fused path
+        only, see ``FusedLlama.prefill``), whose logits follow: [B + n, V]."""
         if self.fused is not None:
-            return self.fused.prefill(kv, tables, rows, tokens, starts, lens, prefix)
+            return self.fused.prefill(kv, tables, rows, tokens, starts, lens, prefix, riders)
+        assert riders is None, "only the fused path takes a decode step along"
         B, T = tokens.shape
         bs = kv.shape[4]
         steps = torch.arange(T, device=tokens.device)
