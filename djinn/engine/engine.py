@@ -50,6 +50,15 @@ class StepFailed(EngineError):
 
 
 @dataclass
+class Launched:
+    """One iteration's device work, launched and not yet read back."""
+    decode: list[Request]
+    steps: int
+    decoded: Optional[Pending]                           # None: no decode, or it rode in the first call
+    calls: list[tuple[list, torch.Tensor, Pending]]      # per prefill call: (request, chunk, start, last)s
+
+
+@dataclass
 class Result:
     tokens: list[int]
     kv_processed_len: int
@@ -269,6 +278,7 @@ class Engine:
         del s.history[r.start[0]:]
         s.kv_len = r.start[1]
         r.pending, r.out, r.logits, r.suspect = s.history[s.kv_len:], [], None, True
+        r.launched, r.prefilled = 0, False
         self._release(r)
 
     def _drain(self, block: bool) -> None:
@@ -370,103 +380,115 @@ class Engine:
         if plan.prefill or self.sched.waiting or self._moving or not self._cost["decode_ms"]:
             return 1
         fit = int(self.max_step_ms // self._cost["decode_ms"])
-        return max(1, min(MAX_LOOKAHEAD, fit, *(r.max_new_tokens - len(r.out) for r in batch)))
+        return max(1, min(MAX_LOOKAHEAD, fit, *(r.max_new_tokens - r.launched for r in batch)))
 
-    def _launch(self, plan: Plan, steps: int) -> tuple[Optional[Pending], list[tuple[list, torch.Tensor, Pending]]]:
-        """Launch the iteration's device work, nothing read back yet: ``steps`` decode steps of the batch and
+    def _launch(self, plan: Plan, steps: int) -> Launched:
+        """Launch the iteration's device work, reading nothing back: ``steps`` decode steps of the batch and
         the prompt chunks in as few padded calls as ``pad_groups`` allows. A single decode step rides in the
         first prefill call where the runner mixes (its tokens share the GEMMs: one read of the weights for
-        both); its tokens then follow that call's first tokens. Returns the decode's pending tokens (None
-        when riding) and per prefill call its (request, chunk) pairs, logits and pending first tokens."""
+        both). Positions and counts advance now, so the next iteration can be planned and launched before
+        this one's tokens are read back (the tokens themselves stay on the device, ``next_tokens``)."""
         items = []
         for r, n in plan.prefill:
+            s = r.session
             chunk, r.pending = r.pending[:n], r.pending[n:]
-            items.append((r, chunk))
-        groups = pad_groups([len(c) for _, c in items])
+            items.append((r, chunk, s.kv_len, not r.pending))
+            s.kv_len += n
+            if not r.pending and r.max_new_tokens > 0:
+                r.launched += 1
+        groups = pad_groups([len(c) for _, c, _, _ in items])
         decoded, riders = None, None
         if plan.decode:
-            args = ([r.row for r in plan.decode], [r.session.history[r.session.kv_len] for r in plan.decode],
-                    [r.session.kv_len for r in plan.decode])
+            args = ([r.row for r in plan.decode], [r.session.kv_len for r in plan.decode])
+            for r in plan.decode:
+                r.session.kv_len += steps
+                r.launched += steps
             if groups and steps == 1 and self.runner.mixes:
                 riders = args
             else:
-                decoded = Pending(self.device).of(self.runner.decode(*args, steps))
+                pending = Pending(self.device)
+                decoded = pending.of(self.runner.decode(*args, steps))
         calls = []
         for group in groups:
             batch = [items[i] for i in group]
             pending = Pending(self.device)
-            logits = self.runner.prefill([r.row for r, _ in batch], [c for _, c in batch],
-                                         [r.session.kv_len for r, _ in batch], riders)
-            calls.append((batch, logits, pending.of(logits.argmax(-1))))
+            logits, firsts = self.runner.prefill([r.row for r, *_ in batch], [c for _, c, *_ in batch],
+                                                 [start for _, _, start, _ in batch], riders)
+            calls.append((batch, logits, pending.of(firsts)))
             riders = None
-        return decoded, calls
+        return Launched(plan.decode, steps, decoded, calls)
 
     def _take_decode(self, batch: list[Request], outs: list[list[int]], steps: int) -> None:
         for nxt in outs:
             for r, t in zip(batch, nxt):
-                r.session.kv_len += 1
-                r.out.append(t)
-                r.session.history.append(t)
+                if r.row is not None:  # else it was aborted since its launch
+                    r.out.append(t)
+                    r.session.history.append(t)
         self.stats["decode_steps"] += steps
         self.stats["decode_calls"] += 1
         self.stats["decode_batch_tokens"] += len(batch) * steps
         self.stats["tokens_generated"] += len(batch) * steps
 
     def _take_prefill(self, batch: list, firsts: list[int], logits: torch.Tensor) -> None:
-        for (r, chunk), row, t in zip(batch, logits, firsts):
-            s = r.session
-            s.kv_len += len(chunk)
+        for i, ((r, chunk, _, last), t) in enumerate(zip(batch, firsts)):
             self.stats["tokens_prefilled"] += len(chunk)
-            if not r.pending:
-                r.logits = row
+            if last and r.row is not None:
+                r.logits, r.prefilled = logits[i], True
                 if r.max_new_tokens > 0:
                     r.out.append(t)
-                    s.history.append(t)
+                    r.session.history.append(t)
                     self.stats["tokens_generated"] += 1
 
-    def _take(self, plan: Plan, steps: int, decoded: Optional[Pending],
-              calls: list[tuple[list, torch.Tensor, Pending]]) -> None:
+    def _take(self, launched: Launched) -> None:
         """Read back what ``_launch`` started, in launch order (each wait covers its own call alone), and
         apply it; measure the step costs ``prefill_budget`` plans with."""
-        if decoded is not None:
-            self._take_decode(plan.decode, decoded.get(), steps)
-            self._measured("decode_ms", decoded.ms / steps)
-        for i, (batch, logits, pending) in enumerate(calls):
+        if launched.decoded is not None:
+            self._take_decode(launched.decode, launched.decoded.get(), launched.steps)
+            self._measured("decode_ms", launched.decoded.ms / launched.steps)
+        for i, (batch, logits, pending) in enumerate(launched.calls):
             tokens = pending.get()
-            riding = plan.decode if i == 0 and decoded is None else []
-            self._take_prefill(batch, tokens[:len(batch)], logits[:len(batch)])
+            riding = launched.decode if i == 0 and launched.decoded is None else []
+            self._take_prefill(batch, tokens[:len(batch)], logits)
             if riding:
                 self._take_decode(riding, [tokens[len(batch):]], 1)
-            work = sum(len(c) for _, c in batch) + len(riding)  # a rider costs about a prompt token
+            work = sum(len(c) for _, c, _, _ in batch) + len(riding)  # a rider costs about a prompt token
             self.stats["prefill_calls"] += 1
             if work >= COSTED_PREFILL:  # smaller calls are dominated by reading the weights, not by tokens
                 self._measured("prefill_ms_per_token", pending.ms / work)
 
     def _loop(self) -> None:
+        """Plan and launch iteration k+1, then read back iteration k: the host's work for the next step
+        runs while the GPU computes the previous one."""
+        inflight: Optional[Launched] = None
         while not self._stop.is_set():
             try:
-                self._drain(block=not (self.sched.waiting or self.sched.running or self._moving))
+                self._drain(block=inflight is None and not (self.sched.waiting or self.sched.running or self._moving))
                 self._drop_cancelled()
                 t0 = time.perf_counter()
                 self._landed()
                 plan = self.sched.schedule(self.sessions, self._chunk_for)
                 self._start(plan)
                 t1 = time.perf_counter()
-                steps = self._lookahead(plan.decode, plan)
-                launched = self._launch(plan, steps)
+                launched = None
+                if plan.decode or plan.prefill:
+                    launched = self._launch(plan, self._lookahead(plan.decode, plan))
                 t2 = time.perf_counter()
-                self._take(plan, steps, *launched)
+                if inflight is not None:
+                    self._take(inflight)
+                inflight = launched
                 t3 = time.perf_counter()
                 for phase, ms in (("admit_ms", t1 - t0), ("launch_ms", t2 - t1), ("wait_ms", t3 - t2)):
                     self.stats[phase] += ms * 1e3  # host time, for /metrics
-                for r in [r for r in self.sched.running if not r.pending and len(r.out) >= r.max_new_tokens]:
+                for r in [r for r in self.sched.running if r.complete]:
                     self._finish(r)
-                if self._moving and not (plan.decode or plan.prefill):
+                if self._moving and launched is None:
                     time.sleep(0.0005)  # only copies in flight: poll them without spinning hot
             except Exception as exc:  # never die; fail only the request that caused it
+                inflight = None  # its requests start over (or fail) below
                 running = list(self.sched.running)
                 log.exception("engine step failed (%d requests in the step)", len(running))
                 if len(running) == 1:
+                    running[0].session.kv_len = running[0].start[1]  # what the failed launch counted may be unwritten
                     self._abort(running[0], StepFailed(f"engine step failed: {type(exc).__name__}: {exc}"))
                 else:  # which one? each runs alone until it succeeds or fails on its own
                     for r in running:

@@ -59,38 +59,51 @@ class Pending:
 
 
 class ModelRunner:
-    """``decode(rows, tokens, positions) -> next tokens`` (greedy) and ``prefill(...) -> logits`` over ``cache``.
+    """``decode(rows, positions) -> next tokens`` (greedy) and ``prefill(...) -> (logits, first tokens)``
+    over ``cache``, launched without waiting for them.
 
-    On CUDA with the Triton attention, every decode bucket (1, 2, 4, ... >= the running requests) is
-    captured once as a CUDA graph; a batch is padded to its bucket with the scratch row (whose table
-    points at the scratch block) and replayed after one host-to-device copy of its inputs. Elsewhere
-    the step runs eagerly.
+    The tokens a step feeds on stay on the device: ``next_tokens[row]`` holds each table row's latest
+    greedy token, written by every step and read by the row's next decode, so the host can launch a step
+    before it has read the previous one's tokens. On CUDA with the Triton attention, every decode bucket
+    (1, 2, 4, ... >= the running requests) is captured once as a CUDA graph; a batch is padded to its
+    bucket with the scratch row (whose table points at the scratch block) and replayed after one
+    host-to-device copy of its rows and positions. Elsewhere the step runs eagerly.
     """
 
     def __init__(self, net: PagedTransformer, cache: PagedKVCache, max_batch: int, cuda_graphs: bool = True):
         self.net, self.cache = net, cache
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.one_row: dict[str, dict] = {}  # per weight shape: cuBLAS or the GEMV for one-token steps, as timed
+        self.next_tokens = torch.zeros(cache.tables.shape[0], dtype=torch.int64, device=cache.device)
         triton = net.enable_triton(cache.kv)  # also on the CPU under TRITON_INTERPRET=1 (tests)
         self.graphed = bool(cuda_graphs and cache.cuda and triton)
         if self.graphed:
             self.sizes = bucket_sizes(max_batch)
             n = self.sizes[-1]
-            self.inputs = torch.zeros(3, n, dtype=torch.int64, device=cache.device)  # rows, tokens, positions
-            self.staging = torch.zeros(3, n, dtype=torch.int64, pin_memory=True)
+            self.inputs = torch.zeros(2, n, dtype=torch.int64, device=cache.device)  # rows, positions
+            self.staging = torch.zeros(2, n, dtype=torch.int64, pin_memory=True)
             if net.fused is not None:
                 self.one_row = net.fused.tune_one_row()
                 log.info("one-token projections: %s", self.one_row)
             self._capture()
             self._warm_prefill()
 
-    def _step(self, b: int) -> torch.Tensor:
-        """One step that also feeds its tokens back as the next step's inputs (positions + 1), so
-        consecutive replays need nothing from the host."""
-        rows, tokens, positions = self.inputs[0, :b], self.inputs[1, :b], self.inputs[2, :b]
-        out = self.net.decode(self.cache.kv, self.cache.tables, rows, tokens, positions, span=0).argmax(-1)
-        tokens.copy_(out)
-        positions.add_(1)
+    @property
+    def mixes(self) -> bool:
+        """Whether a decode step can ride in a prefill call (the fused kernels)."""
+        return self.net.fused is not None
+
+    def _step(self, rows: torch.Tensor, positions: torch.Tensor, span: int = 0) -> torch.Tensor:
+        """One greedy step of ``rows`` on their ``next_tokens``, which it then replaces."""
+        out = self.net.decode(self.cache.kv, self.cache.tables, rows, self.next_tokens[rows], positions,
+                              span=span).argmax(-1)
+        self.next_tokens[rows] = out
+        return out
+
+    def _graph_step(self, b: int) -> torch.Tensor:
+        """A captured step: positions advance in place, so consecutive replays need nothing from the host."""
+        out = self._step(self.inputs[0, :b], self.inputs[1, :b])
+        self.inputs[1, :b].add_(1)
         return out
 
     def _capture(self) -> None:
@@ -100,12 +113,12 @@ class ModelRunner:
         side.wait_stream(torch.cuda.current_stream(self.cache.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step(self.sizes[-1])
+                self._graph_step(self.sizes[-1])
         torch.cuda.current_stream(self.cache.device).wait_stream(side)
         for b in reversed(self.sizes):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=mempool):
-                out = self._step(b)
+                out = self._graph_step(b)
             self.graphs[b] = (graph, out)
         torch.cuda.synchronize(self.cache.device)
         log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
@@ -119,28 +132,21 @@ class ModelRunner:
                 self.prefill([row], [[0] * width], [start])
         torch.cuda.synchronize(self.cache.device)
 
-    def decode(self, rows: list[int], tokens: list[int], positions: list[int], steps: int = 1) -> torch.Tensor:
-        """Launch ``steps`` greedy steps of the batch (each row's KV blocks reserved for them): the tokens of
-        each step [steps, rows], on the device."""
+    def decode(self, rows: list[int], positions: list[int], steps: int = 1) -> torch.Tensor:
+        """Launch ``steps`` greedy steps of the batch (each row's KV blocks reserved for them), each row
+        starting from its ``next_tokens``: the tokens of each step [steps, rows], on the device."""
         if not self.graphed:
             dev = self.cache.device
-            toks, pos, out = torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), []
+            rows_t, pos, out = torch.tensor(rows, device=dev), torch.tensor(positions, device=dev), []
             for _ in range(steps):
-                toks = self.net.decode(self.cache.kv, self.cache.tables, torch.tensor(rows, device=dev), toks, pos,
-                                       span=int(pos.max()) + 1).argmax(-1)
+                out.append(self._step(rows_t, pos, span=int(pos.max()) + 1))
                 pos = pos + 1
-                out.append(toks)
             return torch.stack(out)
-        return self._replay(rows, tokens, positions, steps)
-
-    def _replay(self, rows: list[int], tokens: list[int], positions: list[int], steps: int) -> torch.Tensor:
-        """The smallest bucket >= the batch (the largest holds every running request). ``staging`` is free
-        to overwrite: the previous launch's copy from it preceded that launch's results, already read."""
         n = len(rows)
-        b = next(s for s in self.sizes if s >= n)
+        b = next(s for s in self.sizes if s >= n)  # the largest bucket holds every running request
         pad = b - n
-        self.staging[:, :b] = torch.tensor([rows + [self.cache.scratch_row] * pad, tokens + [0] * pad,
-                                            positions + [0] * pad])
+        # ``staging`` is free to overwrite: the previous copy from it preceded results the host has read
+        self.staging[:, :b] = torch.tensor([rows + [self.cache.scratch_row] * pad, positions + [0] * pad])
         self.inputs[:, :b].copy_(self.staging[:, :b], non_blocking=True)
         graph, result = self.graphs[b]
         outs = []
@@ -149,23 +155,25 @@ class ModelRunner:
             outs.append(result[:n].clone())
         return torch.stack(outs)
 
-    @property
-    def mixes(self) -> bool:
-        """Whether a decode step can ride in a prefill call (the fused kernels)."""
-        return self.net.fused is not None
-
     def prefill(self, rows: list[int], chunks: list[list[int]], starts: list[int],
-                riders: Optional[tuple[list[int], list[int], list[int]]] = None) -> torch.Tensor:
+                riders: Optional[tuple[list[int], list[int]]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Launch the chunks (padded to the longest) for ``rows`` at positions from ``starts``: last-position
-        logits [B, V], on the device. ``riders`` (rows, tokens, positions), where ``mixes``: one decode step
-        in the same call, whose logits follow the prefill's."""
+        logits [B, V] and their greedy tokens [B] (each row's ``next_tokens``), on the device. ``riders``
+        (rows, positions), where ``mixes``: one decode step in the same call, whose logits and tokens follow
+        the prefill's."""
         dev = self.cache.device
         lens = [len(c) for c in chunks]
         width = max(lens)
         padded = [c + [0] * (width - len(c)) for c in chunks]
+        rows_t = torch.tensor(rows, device=dev)
+        ride = None
         if riders is not None:
-            riders = tuple(torch.tensor(x, device=dev) for x in riders)
-        return self.net.prefill(self.cache.kv, self.cache.tables, torch.tensor(rows, device=dev),
-                                torch.tensor(padded, device=dev), torch.tensor(starts, device=dev),
-                                torch.tensor(lens, device=dev), max(s + n for s, n in zip(starts, lens)), max(starts) > 0,
-                                riders)
+            d_rows = torch.tensor(riders[0], device=dev)
+            ride = (d_rows, self.next_tokens[d_rows], torch.tensor(riders[1], device=dev))
+            rows_t = torch.cat([rows_t, d_rows])
+        logits = self.net.prefill(self.cache.kv, self.cache.tables, rows_t[:len(rows)], torch.tensor(padded, device=dev),
+                                  torch.tensor(starts, device=dev), torch.tensor(lens, device=dev),
+                                  max(s + n for s, n in zip(starts, lens)), max(starts) > 0, ride)
+        firsts = logits.argmax(-1)
+        self.next_tokens[rows_t] = firsts  # a chunk short of its prompt's end writes one the next chunk replaces
+        return logits, firsts

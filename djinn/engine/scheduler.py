@@ -77,7 +77,9 @@ class Request:
     future: Future
     past_kv: Any = None
     return_kv: bool = False
-    out: list[int] = field(default_factory=list)
+    out: list[int] = field(default_factory=list)      # tokens read back (an iteration behind the device)
+    launched: int = 0                  # tokens generated or on their way: what the next step plans with
+    prefilled: bool = False            # its last prompt chunk has been read back
     logits: Any = None
     submitted: float = field(default_factory=time.perf_counter)
     admitted: Optional[float] = None
@@ -93,7 +95,12 @@ class Request:
 
     @property
     def decoding(self) -> bool:
-        return not self.pending and self.max_new_tokens > len(self.out) > 0
+        return not self.pending and self.max_new_tokens > self.launched > 0
+
+    @property
+    def complete(self) -> bool:
+        """Every token it asked for has been read back (the logits, for a stateless forward)."""
+        return self.prefilled and len(self.out) >= self.max_new_tokens
 
     @property
     def ready(self) -> bool:

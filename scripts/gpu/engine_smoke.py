@@ -80,7 +80,7 @@ def decode_steps(lm, engine: Engine, tokens_per_session: int, batches: list[int]
         if b * per > engine.cache.n_blocks or b > engine.cache.scratch_row:
             break
         engine.cache.set_rows(list(range(b)), [list(range(i * per, (i + 1) * per)) for i in range(b)])
-        args = (list(range(b)), [7] * b, [tokens_per_session - 1] * b)
+        args = (list(range(b)), [tokens_per_session - 1] * b)
         for _ in range(3):
             engine.runner.decode(*args)
         torch.cuda.synchronize()

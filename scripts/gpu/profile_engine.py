@@ -148,11 +148,10 @@ def main() -> None:
         if runner.graphed:
             bucket = next(x for x in runner.sizes if x >= b)
             runner.inputs[0, :bucket] = torch.tensor(rows + [cache.scratch_row] * (bucket - b), device=dev)
-            runner.inputs[1, :bucket] = 1
             graph = runner.graphs[bucket][0]
 
             def replay():
-                runner.inputs[2, :bucket] = args.context  # positions advance per replay: hold them
+                runner.inputs[1, :bucket] = args.context  # positions advance per replay: hold them
                 graph.replay()
             entry["graph_ms"] = event_ms(replay)
         nbytes = lm.weight_bytes + b * (args.context + 1) * kv_token
