@@ -219,3 +219,18 @@ def test_graph_buckets_double_then_grow_by_128_so_a_large_batch_pads_little():
     assert sizes == [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024]
     assert bucket_sizes(1000)[-1] == 1024 and bucket_sizes(3) == [1, 2, 4] and bucket_sizes(1) == [1]
     assert next(b for b in sizes if b >= 600) == 640
+
+
+def test_the_next_iteration_is_launched_before_the_last_one_is_read_back(engine, tiny_llama, monkeypatch):
+    """The host plans and launches iteration k+1 while the device computes k: the decode after a prefill is
+    launched before the prefill's first token is read back (it feeds on the token on the device)."""
+    import djinn.engine.engine as engine_module
+
+    events = []
+    decode, prefill, get = engine.runner.decode, engine.runner.prefill, engine_module.Pending.get
+    monkeypatch.setattr(engine.runner, "decode", lambda *a: events.append("launch") or decode(*a))
+    monkeypatch.setattr(engine.runner, "prefill", lambda *a: events.append("launch") or prefill(*a))
+    monkeypatch.setattr(engine_module.Pending, "get", lambda self: events.append("read") or get(self))
+    s = engine.open_session().result()
+    assert engine.generate(s.id, PROMPTS[1], 6).result().tokens == hf_greedy(tiny_llama.model, PROMPTS[1], 6)
+    assert events[:3] == ["launch", "launch", "read"] and events.count("launch") == events.count("read")

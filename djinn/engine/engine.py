@@ -484,7 +484,12 @@ class Engine:
                 if self._moving and launched is None:
                     time.sleep(0.0005)  # only copies in flight: poll them without spinning hot
             except Exception as exc:  # never die; fail only the request that caused it
-                inflight = None  # its requests start over (or fail) below
+                inflight = None  # its requests start over (or fail) below, once its launched work is done
+                if self.device.type == "cuda":
+                    try:
+                        torch.cuda.synchronize(self.device)
+                    except Exception:  # the device itself failed: nothing more to wait for
+                        log.exception("device synchronize after the failed step")
                 running = list(self.sched.running)
                 log.exception("engine step failed (%d requests in the step)", len(running))
                 if len(running) == 1:

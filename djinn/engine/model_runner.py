@@ -81,7 +81,9 @@ class ModelRunner:
             self.sizes = bucket_sizes(max_batch)
             n = self.sizes[-1]
             self.inputs = torch.zeros(2, n, dtype=torch.int64, device=cache.device)  # rows, positions
-            self.staging = torch.zeros(2, n, dtype=torch.int64, pin_memory=True)
+            # two pinned buffers, taken in turn: a launch's copy from one may still be queued when the next
+            # launch fills the other (the host reads a launch's results only after launching the next)
+            self.staging = [torch.zeros(2, n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
             if net.fused is not None:
                 self.one_row = net.fused.tune_one_row()
                 log.info("one-token projections: %s", self.one_row)
@@ -145,9 +147,10 @@ class ModelRunner:
         n = len(rows)
         b = next(s for s in self.sizes if s >= n)  # the largest bucket holds every running request
         pad = b - n
-        # ``staging`` is free to overwrite: the previous copy from it preceded results the host has read
-        self.staging[:, :b] = torch.tensor([rows + [self.cache.scratch_row] * pad, positions + [0] * pad])
-        self.inputs[:, :b].copy_(self.staging[:, :b], non_blocking=True)
+        staging = self.staging[0]
+        self.staging.reverse()
+        staging[:, :b] = torch.tensor([rows + [self.cache.scratch_row] * pad, positions + [0] * pad])
+        self.inputs[:, :b].copy_(staging[:, :b], non_blocking=True)
         graph, result = self.graphs[b]
         outs = []
         for _ in range(steps):  # one host round trip for all of them
