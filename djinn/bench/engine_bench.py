@@ -306,7 +306,8 @@ def format_report(r: dict) -> str:
         lines.append(f"| {a['n']} | {a['reason_p50_ms']:.1f} | {a['reason_p99_ms']:.1f} | {a['reason_roofline_ms']:.1f} | "
                      f"{a['reason_p99_vs_roofline']:.2f}x | {a['reflect_p50_ms']:.1f} | {a['reflect_p99_ms']:.1f} | "
                      f"{a['reflect_roofline_ms']:.1f} | {a['reflect_p99_vs_roofline']:.2f}x | "
-                     f"{a['reason_tokens_per_s']:.0f} | {a['parks']} | {a.get('gpu_peak_allocated_gb', float('nan')):.1f} |")
+                     f"{a['reason_tokens_per_s']:.0f} | {a['parks']} | "
+                     + (f"{a['gpu_peak_allocated_gb']:.1f} |" if "gpu_peak_allocated_gb" in a else "- (the server's) |"))
     return "\n".join(lines)
 
 
