@@ -35,6 +35,14 @@ def available_host_bytes(cgroup: str = "/sys/fs/cgroup") -> int:
     return max(0, free)
 
 
+def device_tensor(values: list, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on ``device`` without waiting for the device's queue: torch follows a
+    blocking host-to-device copy with a stream synchronize, which would stall a launch behind the step
+    before it. A copy from pageable memory is staged before cudaMemcpyAsync returns, so the list's
+    temporary tensor may go at once."""
+    return torch.tensor(values).to(device, non_blocking=True)
+
+
 def block_bytes(shape: Shape, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of one block: K and V of every layer for ``block_size`` tokens."""
     return 2 * shape.n_layers * shape.n_kv_heads * block_size * shape.head_dim * torch.empty((), dtype=dtype).element_size()
@@ -127,7 +135,7 @@ class PagedKVCache:
         t = torch.full((len(rows), self.max_blocks), self.scratch, dtype=torch.int32)
         for i, b in enumerate(blocks):
             t[i, :len(b)] = torch.tensor(b, dtype=torch.int32)
-        self.tables[torch.tensor(rows, device=self.device)] = t.to(self.device, non_blocking=True)
+        self.tables[device_tensor(rows, self.device)] = t.to(self.device, non_blocking=True)
 
     # -- parking -----------------------------------------------------------------------------
     def _host_run(self, h: int, n: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from djinn.engine.kv_cache import PagedKVCache
+from djinn.engine.kv_cache import PagedKVCache, device_tensor
 from djinn.engine.transformer import PagedTransformer
 
 log = logging.getLogger("djinn.engine")
@@ -139,7 +139,7 @@ class ModelRunner:
         starting from its ``next_tokens``: the tokens of each step [steps, rows], on the device."""
         if not self.graphed:
             dev = self.cache.device
-            rows_t, pos, out = torch.tensor(rows, device=dev), torch.tensor(positions, device=dev), []
+            rows_t, pos, out = device_tensor(rows, dev), device_tensor(positions, dev), []
             for _ in range(steps):
                 out.append(self._step(rows_t, pos, span=int(pos.max()) + 1))
                 pos = pos + 1
@@ -168,14 +168,14 @@ class ModelRunner:
         lens = [len(c) for c in chunks]
         width = max(lens)
         padded = [c + [0] * (width - len(c)) for c in chunks]
-        rows_t = torch.tensor(rows, device=dev)
+        rows_t = device_tensor(rows, dev)
         ride = None
         if riders is not None:
-            d_rows = torch.tensor(riders[0], device=dev)
-            ride = (d_rows, self.next_tokens[d_rows], torch.tensor(riders[1], device=dev))
+            d_rows = device_tensor(riders[0], dev)
+            ride = (d_rows, self.next_tokens[d_rows], device_tensor(riders[1], dev))
             rows_t = torch.cat([rows_t, d_rows])
-        logits = self.net.prefill(self.cache.kv, self.cache.tables, rows_t[:len(rows)], torch.tensor(padded, device=dev),
-                                  torch.tensor(starts, device=dev), torch.tensor(lens, device=dev),
+        logits = self.net.prefill(self.cache.kv, self.cache.tables, rows_t[:len(rows)], device_tensor(padded, dev),
+                                  device_tensor(starts, dev), device_tensor(lens, dev),
                                   max(s + n for s, n in zip(starts, lens)), max(starts) > 0, ride)
         firsts = logits.argmax(-1)
         self.next_tokens[rows_t] = firsts  # a chunk short of its prompt's end writes one the next chunk replaces

@@ -1,5 +1,6 @@
 """GPU smoke of the paged engine (run with the device tool): CUDA-graph replay, parking and restoring by
-blocks, greedy equality with HF, and the decode step against its weight + KV read floor. One JSON report.
+blocks, greedy equality with HF, a launch path that never waits for the device, and the decode step
+against its weight + KV read floor. One JSON report.
 
     python3 scripts/gpu/engine_smoke.py --out $OUT/engine-smoke.json
 """
@@ -113,6 +114,32 @@ def profile_step(engine: Engine, b: int) -> list[dict]:
     return out
 
 
+def launches_never_wait(engine: Engine) -> dict:
+    """The engine launches a step before it reads back the last, so its launch path must not synchronize
+    with the device (torch follows a blocking host-to-device copy with a stream synchronize). Under torch's
+    sync debug mode "error" any synchronizing call raises: a prefill with a decode step riding, a block-table
+    update and two graph-replayed decode steps, each through a Pending, on the scratch row."""
+    from djinn.engine.model_runner import Pending
+
+    row, cache, runner = engine.cache.scratch_row, engine.cache, engine.runner
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cache.set_rows([row], [[cache.scratch]])
+        riders = ([row], [3]) if runner.mixes else None
+        pending = [Pending(engine.device).of(runner.prefill([row], [[1, 2, 3]], [0], riders)[1]),
+                   Pending(engine.device).of(runner.decode([row], [4], 2))]
+        result = {"launch_without_sync": True}
+    except RuntimeError as exc:
+        result = {"launch_without_sync": False, "error": str(exc).splitlines()[0][:300]}
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    if result["launch_without_sync"]:
+        result["read_back"] = [p.get() for p in pending]
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -133,6 +160,7 @@ def main() -> None:
     report["big"] = {"model_id": args.big, "engine_start_s": round(time.perf_counter() - t0, 1),
                      "kv_blocks": eng.cache.n_blocks, "host_kv_blocks": eng.cache.host_blocks}
     report["big"].update(exactness(lm, eng))
+    report["big"].update(launches_never_wait(eng))
     bw = copy_bandwidth_gbps(lm.device)
     report["big"]["copy_bandwidth_gbps"] = bw
     report["big"]["decode_steps_190_tokens"] = decode_steps(lm, eng, 190, args.batches, bw)
