@@ -109,6 +109,7 @@ class Engine:
                       "decode_calls": 0, "prefill_calls": 0, "decode_batch_tokens": 0, "parks": 0, "restores": 0,
                       "reused_sessions": 0, "refused": 0, "admit_ms": 0.0, "launch_ms": 0.0, "wait_ms": 0.0}
         self._inbox: queue.Queue = queue.Queue()
+        self._cancelled = False  # a request's client cancelled it (set from any thread by _note_cancel)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="djinn-engine", daemon=True)
         self._thread.start()
@@ -125,6 +126,7 @@ class Engine:
         return fut
 
     def submit(self, req: Request) -> Future:
+        req.future.add_done_callback(self._note_cancel)
         self._inbox.put(self._queued(req))
         return req.future
 
@@ -142,8 +144,14 @@ class Engine:
     def generate(self, session_id: str, new_tokens: list[int], max_new_tokens: int) -> Future:
         """full_djinn: append ``new_tokens`` to the session and greedily generate ``max_new_tokens``."""
         fut: Future = Future()
+        fut.add_done_callback(self._note_cancel)
         self._inbox.put(("generate", session_id, list(new_tokens), max_new_tokens, fut))
         return fut
+
+    def _note_cancel(self, fut: Future) -> None:
+        """A request's future is done (any thread): if its client cancelled it, the loop looks for it."""
+        if fut.cancelled():
+            self._cancelled = True
 
     def forward(self, tokens: list[int], past_kv=None, return_kv: bool = False) -> Future:
         """Stateless step (partially_aware / semantic_blind): last-position logits, optionally the new KV."""
@@ -304,7 +312,11 @@ class Engine:
                     _settle(fut, exc=exc)
 
     def _drop_cancelled(self) -> None:
-        """A client that went away cancelled its request: stop spending steps and blocks on it."""
+        """A client that went away cancelled its request: stop spending steps and blocks on it. Only after
+        a cancel was noted (asking 500 futures each iteration took a fifth of the loop's host time)."""
+        if not self._cancelled:
+            return
+        self._cancelled = False  # a cancel noted from now on sets it again: looked for next iteration
         for r in [r for r in self.sched.waiting + self.sched.running if r.future.cancelled()]:
             self._abort(r, None)
 
