@@ -132,9 +132,7 @@ class PagedKVCache:
 
     def set_rows(self, rows: list[int], blocks: list[list[int]]) -> None:
         """Point table ``rows`` at their requests' blocks (unused entries at the scratch block)."""
-        t = torch.full((len(rows), self.max_blocks), self.scratch, dtype=torch.int32)
-        for i, b in enumerate(blocks):
-            t[i, :len(b)] = torch.tensor(b, dtype=torch.int32)
+        t = torch.tensor([b + [self.scratch] * (self.max_blocks - len(b)) for b in blocks], dtype=torch.int32)
         self.tables[device_tensor(rows, self.device)] = t.to(self.device, non_blocking=True)
 
     # -- parking -----------------------------------------------------------------------------
