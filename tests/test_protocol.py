@@ -108,3 +108,23 @@ def test_read_timeout_is_one_deadline_for_the_whole_frame():
 
     with pytest.raises(protocol.ProtocolError, match=r"^frame of \d+ bytes not received within 1 s"):
         asyncio.run(trickle())
+
+
+@pytest.mark.parametrize("cut, end, message", [
+    (4, "stall", r"^frame prefix not received within 0.2 s"),
+    (4, "close", r"^connection closed inside a frame prefix$"),
+    (12, "close", r"^connection closed inside a frame$"),
+])
+def test_a_frame_cut_short_says_where(cut, end, message):
+    """The prefix and payload are read under one bound; a failure still says whether the prefix was in."""
+    frame = protocol.encode({"op": "hello"})
+
+    async def cut_short():
+        reader = asyncio.StreamReader()
+        reader.feed_data(frame[:cut])
+        if end == "close":
+            reader.feed_eof()
+        return await protocol.read_frame(reader, read_timeout=0.2)
+
+    with pytest.raises(protocol.ProtocolError, match=message):
+        asyncio.run(cut_short())
