@@ -168,15 +168,15 @@ class ModelRunner:
         lens = [len(c) for c in chunks]
         width = max(lens)
         padded = [c + [0] * (width - len(c)) for c in chunks]
-        rows_t = device_tensor(rows, dev)
+        rows_t = written = device_tensor(rows, dev)
         ride = None
         if riders is not None:
             d_rows = device_tensor(riders[0], dev)
             ride = (d_rows, self.next_tokens[d_rows], device_tensor(riders[1], dev))
-            rows_t = torch.cat([rows_t, d_rows])
-        logits = self.net.prefill(self.cache.kv, self.cache.tables, rows_t[:len(rows)], device_tensor(padded, dev),
+            written = torch.cat([rows_t, d_rows])
+        logits = self.net.prefill(self.cache.kv, self.cache.tables, rows_t, device_tensor(padded, dev),
                                   device_tensor(starts, dev), device_tensor(lens, dev),
                                   max(s + n for s, n in zip(starts, lens)), max(starts) > 0, ride)
         firsts = logits.argmax(-1)
-        self.next_tokens[rows_t] = firsts  # a chunk short of its prompt's end writes one the next chunk replaces
+        self.next_tokens[written] = firsts  # a chunk short of its prompt's end writes one the next chunk replaces
         return logits, firsts

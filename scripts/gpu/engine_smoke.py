@@ -74,7 +74,7 @@ def decode_steps(lm, engine: Engine, tokens_per_session: int, batches: list[int]
     """Graph-replayed decode step time at each batch size, sessions of ``tokens_per_session`` tokens,
     against its floor: the weights plus every row's KV read once at the measured copy bandwidth."""
     shape, bs = engine.net.shape, engine.cache.block_size
-    kv_token = 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * lm.dtype.itemsize
+    kv_token = block_bytes(shape, 1, lm.dtype)
     per = -(-tokens_per_session // bs)
     rows = []
     for b in batches:

@@ -24,6 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from djinn.bench.engine_bench import copy_bandwidth_gbps, gemm_tflops
+from djinn.engine.kv_cache import block_bytes
 from djinn.models.loader import load_model
 from djinn.server.config import ServerConfig
 from djinn.server.service import build_engine
@@ -43,6 +44,14 @@ def event_ms(fn, repeat: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def device_events(prof) -> list[dict]:
+    """The kernels, copies and memsets a profiler saw on the GPU (chrome-trace events: name, ts, dur in us)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))
+    return [e for e in trace.get("traceEvents", []) if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+
+
 def kernels(fn, calls: int = 3) -> list[dict]:
     """Device time per call of ``fn`` by kernel name, largest first."""
     fn()
@@ -51,14 +60,10 @@ def kernels(fn, calls: int = 3) -> list[dict]:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        trace = json.load(open(f.name))
     by = defaultdict(lambda: [0.0, 0])
-    for e in trace.get("traceEvents", []):
-        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
-            by[e["name"]][0] += e.get("dur", 0.0)
-            by[e["name"]][1] += 1
+    for e in device_events(prof):
+        by[e["name"]][0] += e.get("dur", 0.0)
+        by[e["name"]][1] += 1
     total = sum(v[0] for v in by.values())
     rows = [{"kernel": k[:90], "us_per_call": v[0] / calls, "launches_per_call": v[1] / calls,
              "share": v[0] / total} for k, v in by.items()]
@@ -84,11 +89,7 @@ def wave(engine, n: int, new_tokens: int = 50) -> dict:
     plain = run()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         profiled = run()
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        trace = json.load(open(f.name))
-    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0.0)) for e in trace.get("traceEvents", [])
-                   if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0.0)) for e in device_events(prof))
     if not spans:
         raise SystemExit("the profiler saw no GPU work during the wave (CUPTI not available?)")
     busy, gaps, end = 0.0, [], spans[0][0]
@@ -126,7 +127,7 @@ def main() -> None:
     net, cache, runner = engine.net, engine.cache, engine.runner
     s = net.shape
     params = sum(x.numel() for x in lm.model.parameters())
-    kv_token = 2 * s.n_layers * s.n_kv_heads * s.head_dim * lm.dtype.itemsize
+    kv_token = block_bytes(s, 1, lm.dtype)
     per_row = -(-(args.context + 64) // cache.block_size)
     bw, tf = report["copy_bandwidth_gbps"], report["gemm_tflops"]
     print(f"{report['gpu']}: copy {bw:.0f} GB/s, GEMM {tf:.0f} TFLOP/s, weights {lm.weight_bytes / 1e9:.2f} GB", flush=True)
