@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -327,8 +328,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the full report here")
 
 
+def bench_errors(args: argparse.Namespace) -> list[str]:
+    """The bench's own flags, checked before a model loads (a report is never computed to be lost)."""
+    errors = []
+    if any(n < 1 for n in args.agent_counts):
+        errors.append("--agent-counts: each N must be >= 1")
+    if args.new_tokens < 2:
+        errors.append("--new-tokens: must be >= 2 (the per-token figure compares 1 and N new tokens)")
+    if not args.act_seconds >= 0:
+        errors.append("--act-seconds: must be >= 0")
+    for flag, path in (("--json", args.json), ("--server-log", args.server_log)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            errors.append(f"{flag}: directory {os.path.dirname(os.path.abspath(path))} does not exist; create it first")
+    return errors
+
+
 def main(args: argparse.Namespace) -> int:
-    for error in engine_config_errors(args):
+    for error in engine_config_errors(args) + bench_errors(args):
         raise SystemExit(error)
     report = run(args)
     print(format_report(report))
