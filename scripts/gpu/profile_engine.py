@@ -52,6 +52,15 @@ def device_events(prof) -> list[dict]:
     return [e for e in trace.get("traceEvents", []) if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
 
 
+def grouped(events: list[dict]) -> dict[str, list]:
+    """Device events by name: [total us, count]."""
+    by = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        by[e["name"]][0] += e.get("dur", 0.0)
+        by[e["name"]][1] += 1
+    return by
+
+
 def kernels(fn, calls: int = 3) -> list[dict]:
     """Device time per call of ``fn`` by kernel name, largest first."""
     fn()
@@ -60,10 +69,7 @@ def kernels(fn, calls: int = 3) -> list[dict]:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    by = defaultdict(lambda: [0.0, 0])
-    for e in device_events(prof):
-        by[e["name"]][0] += e.get("dur", 0.0)
-        by[e["name"]][1] += 1
+    by = grouped(device_events(prof))
     total = sum(v[0] for v in by.values())
     rows = [{"kernel": k[:90], "us_per_call": v[0] / calls, "launches_per_call": v[1] / calls,
              "share": v[0] / total} for k, v in by.items()]
@@ -89,7 +95,8 @@ def wave(engine, n: int, new_tokens: int = 50) -> dict:
     plain = run()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         profiled = run()
-    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0.0)) for e in device_events(prof))
+    events = device_events(prof)
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0.0)) for e in events)
     if not spans:
         raise SystemExit("the profiler saw no GPU work during the wave (CUPTI not available?)")
     busy, gaps, end = 0.0, [], spans[0][0]
@@ -102,7 +109,13 @@ def wave(engine, n: int, new_tokens: int = 50) -> dict:
     return {"agents": n, "wall_ms": plain, "profiled_wall_ms": profiled, "gpu_span_ms": span / 1e3,
             "gpu_busy_ms": busy / 1e3, "gpu_idle_ms": (span - busy) / 1e3, "kernels": len(spans),
             "gaps_over_50us": sum(1 for g in gaps if g > 50), "idle_in_gaps_over_50us_ms": sum(g for g in gaps if g > 50) / 1e3,
-            "largest_gaps_us": sorted(gaps)[-8:][::-1]}
+            "largest_gaps_us": sorted(gaps)[-8:][::-1], "by_kernel": by_kernel(events)}
+
+
+def by_kernel(events: list[dict], top: int = 14) -> list[dict]:
+    """A wave's device time by kernel name (ms, launches), largest first: where its busy time went."""
+    return [{"kernel": k[:90], "ms": round(v[0] / 1e3, 2), "launches": v[1]}
+            for k, v in sorted(grouped(events).items(), key=lambda kv: -kv[1][0])[:top]]
 
 
 def table(rows: list[dict], top: int = 12) -> str:
@@ -187,7 +200,9 @@ def main() -> None:
         print(f"Reason wave of {n}: {entry['wall_ms']:.0f} ms ({entry['profiled_wall_ms']:.0f} ms profiled); GPU busy "
               f"{entry['gpu_busy_ms']:.0f} of {entry['gpu_span_ms']:.0f} ms, idle {entry['gpu_idle_ms']:.0f} ms "
               f"({entry['gaps_over_50us']} gaps over 50 us hold {entry['idle_in_gaps_over_50us_ms']:.0f} ms; "
-              f"largest {', '.join(f'{g:.0f}' for g in entry['largest_gaps_us'])} us)", flush=True)
+              f"largest {', '.join(f'{g:.0f}' for g in entry['largest_gaps_us'])} us)\n"
+              + "\n".join(f"    {k['ms']:9.1f} ms  x{k['launches']:<6} {k['kernel']}" for k in entry["by_kernel"]),
+              flush=True)
     engine.shutdown()
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
