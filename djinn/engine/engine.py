@@ -81,7 +81,7 @@ def _settle(fut: Future, result: Any = None, exc: Optional[BaseException] = None
 
 class Engine:
     def __init__(self, model, *, max_seq: int = 512, kv_budget_bytes: Optional[int] = None,
-                 max_slots: int = 1024, prefill_chunk: int = 2048, max_step_ms: float = 100.0,
+                 max_slots: int = 1024, prefill_chunk: int = 4096, max_step_ms: float = 100.0,
                  block_size: int = 16, cuda_graphs: bool = True, host_blocks: Optional[int] = 0,
                  host_bytes: Optional[int] = None):
         """``max_slots``: requests running at once (the decode batch); ``max_seq``: a session's token cap;
